@@ -1,0 +1,9 @@
+"""No adaptation: the source model as trained (the baseline every method is measured against)."""
+
+from __future__ import annotations
+
+from medtta.adapters.base import Adapter
+
+
+class SourceOnly(Adapter):
+    """No adaptation: the source model with its training-time BatchNorm statistics."""

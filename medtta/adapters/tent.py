@@ -1,0 +1,38 @@
+"""TENT: fully test-time adaptation by entropy minimization (Wang et al., ICLR 2021)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from medtta.adapters.base import Adapter, MixedBatchNorm, use_batch_statistics
+
+
+class Tent(Adapter):
+    """Minimize the entropy of the per-pixel predictions by updating only the BatchNorm affine parameters.
+
+    BatchNorm normalizes with test-batch statistics; everything else stays frozen. Defaults follow the
+    paper: Adam, lr 1e-3, one step per batch.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3}
+    default_steps: ClassVar[int] = 1
+
+    def configure(self, model: nn.Module) -> None:
+        super().configure(model)
+        use_batch_statistics(model)
+
+    def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
+        params = []
+        for module in model.modules():
+            if isinstance(module, MixedBatchNorm) and module.affine:
+                params += [module.weight, module.bias]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        log_p = logits.log_softmax(1)
+        return -(log_p.exp() * log_p).sum(1).mean()

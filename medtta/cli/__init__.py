@@ -1,0 +1,1 @@
+"""The `medtta` command line: a thin click layer over the Python API."""

@@ -1,0 +1,1 @@
+"""Datasets on disk: the layout every dataset becomes, synthetic generators, preprocessing."""

@@ -1,0 +1,211 @@
+"""The on-disk dataset layout: nnU-Net v2 raw layout plus `sites.csv` (see DESIGN.md).
+
+```
+<dataset dir>/
+  dataset.json          channel_names, labels (name -> int), numTraining, file_ending
+  imagesTr/<case>_0000.nii.gz
+  labelsTr/<case>.nii.gz
+  sites.csv             case_id,site[,split]
+```
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medtta.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image/label pair of a dataset, with the site it was acquired at."""
+
+    case_id: str
+    site: str
+    split: str | None
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A loaded case: image and label arrays of the same shape (2D or 3D) and the voxel spacing in mm."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset folder in the medtta layout, read and checked for structure (not yet for voxel content)."""
+
+    root: Path
+    name: str
+    labels: dict[str, int]
+    channel: str
+    cases: tuple[Case, ...]
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted({c.site for c in self.cases})
+
+    @property
+    def modality(self) -> str:
+        """CT, OCT or MRI, from the first channel name (nnU-Net names CT channels "CT")."""
+        upper = self.channel.upper()
+        return upper if upper in ("CT", "OCT") else "MRI"
+
+    def cases_of(self, site: str, split: str | None = None) -> list[Case]:
+        return [c for c in self.cases if c.site == site and (split is None or c.split == split)]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: missing (every dataset folder needs a dataset.json)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    for key in ("channel_names", "labels"):
+        if not isinstance(meta.get(key), dict) or not meta[key]:
+            raise DataError(f"{path}: field '{key}' must be a non-empty mapping")
+    if sorted(meta["labels"].values()) != list(range(len(meta["labels"]))):
+        raise DataError(f"{path}: field 'labels' must map names to 0, 1, ..., N-1 (got {meta['labels']})")
+    return meta
+
+
+def _read_sites(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"{path}: missing (medtta needs a case_id,site[,split] table)")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        if "case_id" not in fields or "site" not in fields:
+            raise DataError(f"{path}: header must start with case_id,site (found {','.join(fields) or 'nothing'})")
+        rows = list(reader)
+    for line, row in enumerate(rows, start=2):
+        if not row["case_id"] or not row["site"]:
+            raise DataError(f"{path}:{line}: empty case_id or site")
+        split = (row.get("split") or "").strip()
+        if split and split not in SPLITS:
+            raise DataError(f"{path}:{line}: split '{split}' is not one of {', '.join(SPLITS)}")
+    return rows
+
+
+def read_dataset(root: str | Path) -> Dataset:
+    """Read a dataset folder, failing with the file and what is wrong when the layout is broken."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    meta = _read_json(root / "dataset.json")
+    ending = meta.get("file_ending", ".nii.gz")
+    cases = []
+    for row in _read_sites(root / "sites.csv"):
+        cid = row["case_id"].strip()
+        case = Case(
+            case_id=cid,
+            site=row["site"].strip(),
+            split=(row.get("split") or "").strip() or None,
+            image=root / "imagesTr" / f"{cid}_0000{ending}",
+            label=root / "labelsTr" / f"{cid}{ending}",
+        )
+        for path in (case.image, case.label):
+            if not path.is_file():
+                raise DataError(f"{path}: missing (listed in {root / 'sites.csv'})")
+        cases.append(case)
+    if not cases:
+        raise DataError(f"{root / 'sites.csv'}: lists no cases")
+    return Dataset(
+        root=root,
+        name=meta.get("name") or root.name,
+        labels={str(k): int(v) for k, v in meta["labels"].items()},
+        channel=str(meta["channel_names"].get("0", next(iter(meta["channel_names"].values())))),
+        cases=tuple(cases),
+    )
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel raises many types for truncated or foreign files
+        raise DataError(f"{path}: cannot be read as NIfTI ({err})") from None
+    data = np.squeeze(data) if data.ndim > 3 else data
+    return data, tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+
+
+def load_volume(case: Case, labels: dict[str, int]) -> Volume:
+    """Load a case and check what a segmentation needs: matching shapes, finite image, known labels."""
+    image, spacing = _load_nifti(case.image)
+    label, _ = _load_nifti(case.label)
+    if image.shape != label.shape:
+        raise DataError(f"{case.label}: shape {label.shape} differs from image {case.image} shape {image.shape}")
+    if image.ndim not in (2, 3):
+        raise DataError(f"{case.image}: expected a 2D or 3D image, got shape {image.shape}")
+    image = image.astype(np.float32)
+    if not np.isfinite(image).all():
+        raise DataError(f"{case.image}: contains NaN or infinite values")
+    if np.any(label != np.round(label)):
+        raise DataError(f"{case.label}: label values must be integers")
+    known = set(labels.values())
+    unknown = sorted(set(np.unique(label).astype(int).tolist()) - known)
+    if unknown:
+        raise DataError(f"{case.label}: label values {unknown} are not in dataset.json labels {sorted(known)}")
+    return Volume(case.case_id, image, label.astype(np.int64), spacing)
+
+
+def assign_splits(dataset: Dataset, source_site: str, seed: int, fractions: tuple[float, float, float]) -> Dataset:
+    """Give every case a split: keep a `split` column where present, else split the source site by a seeded
+    shuffle into train/val/test with `fractions`; every other site's cases become test cases."""
+    if all(c.split for c in dataset.cases):
+        return dataset
+    source = sorted(c.case_id for c in dataset.cases_of(source_site) if not c.split)
+    order = [source[i] for i in np.random.default_rng(seed).permutation(len(source))]
+    n_val = max(1, round(fractions[1] * len(order)))
+    n_test = max(1, round(fractions[2] * len(order)))
+    chosen = {cid: "val" for cid in order[:n_val]}
+    chosen.update({cid: "test" for cid in order[n_val : n_val + n_test]})
+    chosen.update({cid: "train" for cid in order[n_val + n_test :]})
+
+    def split_of(case: Case) -> str:
+        return case.split or (chosen[case.case_id] if case.site == source_site else "test")
+
+    cases = tuple(Case(c.case_id, c.site, split_of(c), c.image, c.label) for c in dataset.cases)
+    return Dataset(dataset.root, dataset.name, dataset.labels, dataset.channel, cases)
+
+
+def write_case(root: Path, case_id: str, image: np.ndarray, label: np.ndarray, spacing: tuple[float, ...]) -> None:
+    """Write one case's image and label as NIfTI into the layout."""
+    affine = np.diag([*spacing, *([1.0] * (3 - len(spacing))), 1.0])
+    for folder, name, array in (
+        ("imagesTr", f"{case_id}_0000.nii.gz", image.astype(np.float32)),
+        ("labelsTr", f"{case_id}.nii.gz", label.astype(np.uint8)),
+    ):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(array, affine), str(root / folder / name))
+
+
+def write_metadata(
+    root: Path, name: str, labels: dict[str, int], channel: str, rows: list[tuple[str, str, str | None]]
+) -> None:
+    """Write `dataset.json` and `sites.csv` (rows of case_id, site, split or None)."""
+    root.mkdir(parents=True, exist_ok=True)
+    meta = {"name": name, "channel_names": {"0": channel}, "labels": labels, "numTraining": len(rows),
+            "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2))
+    with_split = any(split for _, _, split in rows)
+    with (root / "sites.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["case_id", "site", "split"] if with_split else ["case_id", "site"])
+        for cid, site, split in rows:
+            writer.writerow([cid, site, split] if with_split else [cid, site])

@@ -1,0 +1,33 @@
+"""Embedded synthetic cross-site datasets: written in the dataset layout on first use, cached afterwards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import ModuleType
+from pathlib import Path
+
+from medtta.data.synthetic import cardiac
+from medtta.errors import ProtocolError
+
+GENERATORS: dict[str, ModuleType] = {"cardiac-cine": cardiac}
+_STAMP = "generator.json"
+
+
+def ensure_synthetic(generator: str, root: Path, params: dict) -> Path:
+    """Generate the dataset into `root` unless a finished copy made with the same parameters is there."""
+    if generator not in GENERATORS:
+        raise ProtocolError(f"unknown synthetic generator '{generator}' (available: {', '.join(GENERATORS)})")
+    module = GENERATORS[generator]
+    stamp = {"generator": generator, "version": module.VERSION, **params}
+    stamp_file = root / _STAMP
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    module.generate(tmp, **params)
+    (tmp / _STAMP).write_text(json.dumps(stamp, indent=2))
+    tmp.rename(root)
+    return root

@@ -1,0 +1,241 @@
+"""Runs a protocol: trains or loads the source model, then streams each target site's volumes
+through an adapter in the episodic or continual setting, logging everything to MLflow."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import csv
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from medtta.adapters.base import Adapter
+from medtta.data.datasets import open_dataset
+from medtta.data.layout import Case, load_volume
+from medtta.data.preprocess import image_slices, to_native
+from medtta.errors import MedttaError
+from medtta.metrics import collapsed, dice_recovery, mean, volume_dice, volume_metrics
+from medtta.models.training import source_model
+from medtta.paths import results_root
+from medtta.protocol import SETTINGS, Protocol
+from medtta.registry import ADAPTERS
+from medtta.tracking import Tracker, tracking_uri
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a `medtta run` varies besides the protocol."""
+
+    method: str
+    setting: str | None = None  # None: the protocol's default
+    seed: int = 0
+    steps: int | None = None  # None: the method's default
+    batch_size: int = 32  # slices per batch; a batch never mixes volumes
+    hparams: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    results: Path | None = None
+    tracking_uri: str | None = None
+    epochs: int | None = None  # None: the protocol's source-training epochs
+    progress: bool = True
+
+
+@dataclass
+class SiteResult:
+    site: str
+    rows: list[dict[str, Any]]
+    summary: dict[str, float]
+
+
+@dataclass
+class RunResult:
+    protocol: Protocol
+    config: RunConfig
+    setting: str
+    dice_in_domain: float
+    sites: list[SiteResult]
+    run_id: str
+    tracking_uri: str
+    results: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MedttaError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise MedttaError(f"--device '{name}': expected auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _timed(fn, device: torch.device) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return list(torch.split(x, size))
+
+
+def adapt_and_predict(adapter: Adapter, x: torch.Tensor, setting: str, steps: int, batch_size: int) -> torch.Tensor:
+    """Logits for one volume's slices.
+
+    episodic: reset, `steps` updates over the volume's batches, then predict (update, then predict);
+    continual: each batch is predicted, then used for one update (predict, then update); no reset.
+    """
+    if setting == "continual":
+        return torch.cat([adapter(b) for b in _batches(x, batch_size)])
+    adapter.reset()
+    for _ in range(steps):
+        for b in _batches(x, batch_size):
+            adapter.update(b)
+    return torch.cat([adapter.predict(b) for b in _batches(x, batch_size)])
+
+
+@torch.no_grad()
+def predict_unadapted(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([model(b) for b in _batches(x, batch_size)])
+
+
+class CaseLog:
+    """Per-case rows, appended to a CSV as they come so that a failed run keeps what it evaluated."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            if not self.rows and fh.tell() == 0:
+                writer.writeheader()
+            writer.writerow(row)
+        self.rows.append(row)
+
+
+class Engine:
+    """One `medtta run`: a method on a protocol's target sites."""
+
+    def __init__(self, protocol: Protocol, config: RunConfig) -> None:
+        self.protocol = protocol
+        self.config = config
+        self.adapter_cls = ADAPTERS.get(config.method)
+        self.adapter_cls.check_hparams(config.hparams)
+        self.setting = config.setting or protocol.setting
+        if self.setting not in SETTINGS:
+            raise MedttaError(f"--setting '{self.setting}': expected one of {', '.join(SETTINGS)}")
+        self.steps = self.adapter_cls.default_steps if config.steps is None else config.steps
+        self.device = resolve_device(config.device)
+        self.results = results_root(config.results)
+        if config.epochs is not None:
+            training = dataclasses.replace(protocol.training, epochs=config.epochs)
+            self.protocol = dataclasses.replace(protocol, training=training)
+
+    def params(self) -> dict[str, Any]:
+        p, c = self.protocol, self.config
+        hparams = {**self.adapter_cls.defaults, **c.hparams}
+        return {"method": c.method, "setting": self.setting, "steps": self.steps, "batch_size": c.batch_size,
+                "seed": c.seed, "device": self.device.type, "source_site": p.source_site,
+                "target_sites": ",".join(p.target_sites), "architecture": self.adapter_cls.architecture,
+                "train_epochs": p.training.epochs, "train_lr": p.training.lr, "input_size": "x".join(map(str, p.preprocessing.size)),
+                **{f"hp.{k}": v for k, v in hparams.items()}}
+
+    def tags(self) -> dict[str, Any]:
+        p = self.protocol
+        return {"medtta.method": self.config.method, "medtta.protocol": p.name, "medtta.modality": p.modality,
+                "medtta.setting": self.setting, "medtta.seed": self.config.seed, "medtta.site": p.source_site}
+
+    def run(self) -> RunResult:
+        p, c = self.protocol, self.config
+        self.results.mkdir(parents=True, exist_ok=True)
+        dataset = open_dataset(p)  # a broken dataset fails here, before any run is opened
+        uri = tracking_uri(c.tracking_uri, self.results)
+        tracker = Tracker(uri, p.name)
+        tags = self.tags()
+        with tracker.run(f"{c.method} seed={c.seed}", tags, self.params()) as run_id:
+            model, record = source_model(p, dataset, self.adapter_cls.architecture, c.seed, self.results,
+                                         self.device, c.progress)
+            tracker.log_metrics({"source_val_dice": record["val_dice"]})
+            in_domain = self._in_domain_dice(model, dataset.cases_of(p.source_site, "test"))
+            tracker.log_metrics({"dice_in_domain": in_domain})
+            seed_everything(c.seed)
+            adapter = ADAPTERS.create(c.method, copy.deepcopy(model), **c.hparams).to(self.device)
+            out_dir = self.results / "runs" / p.name / run_id
+            sites = []
+            for site in p.target_sites:
+                with tracker.run(site, {**tags, "medtta.site": site}, nested=True):
+                    log = CaseLog(out_dir / f"cases-{site}.csv")
+                    try:
+                        for case in tqdm(dataset.cases_of(site, "test"), desc=f"{c.method} on site {site}",
+                                         unit="volume", disable=not c.progress, leave=False):
+                            log.add(self._evaluate_case(case, site, model, adapter))
+                    finally:
+                        tracker.log_table(log.rows, "cases")
+                    summary = self._summarize(log.rows, in_domain)
+                    tracker.log_metrics(summary)
+                sites.append(SiteResult(site, log.rows, summary))
+            tracker.log_metrics({key: mean([s.summary[key] for s in sites])
+                                 for key in ("dice", "dice_source", "dice_recovery", "seconds_per_volume")})
+        return RunResult(p, c, self.setting, in_domain, sites, run_id, uri, out_dir)
+
+    def _in_domain_dice(self, model: torch.nn.Module, cases: list[Case]) -> float:
+        scores = []
+        for case in tqdm(cases, desc=f"in-domain Dice on site {self.protocol.source_site}", unit="volume",
+                         disable=not self.config.progress, leave=False):
+            volume = load_volume(case, self.protocol.labels)
+            logits = predict_unadapted(model, image_slices(volume, self.protocol.preprocessing).to(self.device),
+                                       self.config.batch_size)
+            scores.append(volume_dice(to_native(logits, volume.label.shape), torch.as_tensor(volume.label),
+                                      self.protocol.labels)["dice"])
+        return mean(scores)
+
+    def _evaluate_case(self, case: Case, site: str, model: torch.nn.Module, adapter: Adapter) -> dict[str, Any]:
+        p, c = self.protocol, self.config
+        volume = load_volume(case, p.labels)
+        x = image_slices(volume, p.preprocessing).to(self.device)
+        source_logits, source_seconds = _timed(lambda: predict_unadapted(model, x, c.batch_size), self.device)
+        logits, seconds = _timed(lambda: adapt_and_predict(adapter, x, self.setting, self.steps, c.batch_size),
+                                 self.device)
+        reference = torch.as_tensor(volume.label)
+        pred = to_native(logits, volume.label.shape)
+        source_dice = volume_dice(to_native(source_logits, volume.label.shape), reference, p.labels)["dice"]
+        return {"case_id": case.case_id, "site": site, "dice_source": source_dice,
+                **volume_metrics(pred, reference, p.labels, volume.spacing),
+                "collapsed": collapsed(pred, reference), "seconds": seconds, "seconds_source": source_seconds}
+
+    def _summarize(self, rows: list[dict[str, Any]], in_domain: float) -> dict[str, float]:
+        keys = [k for k in rows[0] if k.startswith(("dice", "hd95"))] if rows else []
+        summary = {k: mean([r[k] for r in rows]) for k in keys}
+        summary.update(
+            dice_in_domain=in_domain,
+            dice_recovery=dice_recovery(summary.get("dice", float("nan")), summary.get("dice_source", float("nan")),
+                                        in_domain),
+            seconds_per_volume=mean([r["seconds"] for r in rows]),
+            seconds_per_volume_source=mean([r["seconds_source"] for r in rows]),
+            collapsed_cases=float(sum(r["collapsed"] for r in rows)),
+            cases=float(len(rows)),
+        )
+        return summary
+
+
+def run(protocol: Protocol, config: RunConfig) -> RunResult:
+    """Run `config.method` on `protocol` (the Python API behind `medtta run`)."""
+    return Engine(protocol, config).run()

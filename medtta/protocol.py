@@ -1,0 +1,198 @@
+"""Protocols: one typed, immutable object per standardized cross-site benchmark (protocols/*.yaml)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medtta.errors import ProtocolError
+
+SETTINGS = ("episodic", "continual")
+MODALITIES = ("MRI", "CT", "OCT")
+
+
+def protocols_dir() -> Path:
+    """The built-in protocols: top-level `protocols/` in a source checkout, `medtta/protocols` in a wheel."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "protocols"
+    return packaged if packaged.is_dir() else here.parent / "protocols"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a volume becomes network input: in-plane `size` per slice and intensity normalization."""
+
+    size: tuple[int, int] = (128, 128)
+    intensity: str = "mr"  # mr: percentile clip + z-score; ct: HU window; oct: percentile min-max
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    window: tuple[float, float] = (-160.0, 240.0)
+
+
+@dataclass(frozen=True)
+class Training:
+    """Source-model training: epochs over the source train split, keeping the best validation Dice."""
+
+    epochs: int = 40
+    batch_size: int = 16
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A standardized cross-site split: dataset, labels, source site, ordered target sites, preprocessing."""
+
+    name: str
+    modality: str
+    labels: dict[str, int]
+    source_site: str
+    target_sites: tuple[str, ...]
+    dataset: dict[str, Any]  # {"synthetic": generator, "params": {...}} or {"folder": path or name}
+    description: str = ""
+    setting: str = "episodic"
+    split_seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    training: Training = field(default_factory=Training)
+    source: str = "<built in>"
+
+    def with_sites(self, source_site: str | None, target_sites: tuple[str, ...] | None) -> Protocol:
+        """A copy with another source site and/or target sites (targets default to the other sites)."""
+        source = source_site or self.source_site
+        targets = target_sites or tuple(s for s in self.target_sites if s != source)
+        return dataclasses.replace(self, source_site=source, target_sites=tuple(targets))
+
+
+def _fail(path: Path | str, message: str) -> ProtocolError:
+    return ProtocolError(f"{path}: {message}")
+
+
+def _section(path: Path, raw: dict, key: str, cls: type) -> Any:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise _fail(path, f"field '{key}' must be a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise _fail(path, f"field '{key}' has unknown keys {unknown} (known: {sorted(known)})")
+    try:
+        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+        return cls(**converted)
+    except TypeError as err:
+        raise _fail(path, f"field '{key}': {err}") from None
+
+
+def _require(path: Path, raw: dict, key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in raw:
+        raise _fail(path, f"missing required field '{key}'")
+    if not isinstance(raw[key], kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise _fail(path, f"field '{key}' must be a {names}, got {type(raw[key]).__name__}")
+    return raw[key]
+
+
+def parse_protocol(raw: Any, path: Path) -> Protocol:
+    """Validate a parsed YAML document and build the Protocol, naming the file and field on failure."""
+    if not isinstance(raw, dict):
+        raise _fail(path, "expected a mapping of protocol fields")
+    name = str(_require(path, raw, "name", str))
+    modality = _require(path, raw, "modality", str)
+    if modality not in MODALITIES:
+        raise _fail(path, f"field 'modality' must be one of {', '.join(MODALITIES)}, got '{modality}'")
+    labels = _require(path, raw, "labels", dict)
+    if sorted(labels.values()) != list(range(len(labels))):
+        raise _fail(path, f"field 'labels' must map names to 0, 1, ..., N-1 (got {labels})")
+    dataset = _require(path, raw, "dataset", dict)
+    if not ("synthetic" in dataset) ^ ("folder" in dataset):
+        raise _fail(path, "field 'dataset' needs exactly one of 'synthetic' (generator) or 'folder'")
+    targets = _require(path, raw, "target_sites", list)
+    if not targets:
+        raise _fail(path, "field 'target_sites' must list at least one site")
+    setting = raw.get("setting", "episodic")
+    if setting not in SETTINGS:
+        raise _fail(path, f"field 'setting' must be one of {', '.join(SETTINGS)}, got '{setting}'")
+    split = raw.get("split") or {}
+    fractions = tuple(split.get("fractions", (0.7, 0.15, 0.15)))
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise _fail(path, "field 'split.fractions' must be three numbers (train, val, test) summing to 1")
+    return Protocol(
+        name=name,
+        modality=modality,
+        labels={str(k): int(v) for k, v in labels.items()},
+        source_site=str(_require(path, raw, "source_site", (str, int))),
+        target_sites=tuple(str(t) for t in targets),
+        dataset=dataset,
+        description=str(raw.get("description", "")),
+        setting=setting,
+        split_seed=int(split.get("seed", 0)),
+        split_fractions=fractions,
+        preprocessing=_section(path, raw, "preprocessing", Preprocessing),
+        training=_section(path, raw, "training", Training),
+        source=str(path),
+    )
+
+
+def load_protocol(path: str | Path) -> Protocol:
+    """Load and validate a protocol YAML file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise _fail(path, f"cannot be read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise _fail(path, f"not valid YAML ({err})") from None
+    return parse_protocol(raw, path)
+
+
+def list_protocols() -> dict[str, Protocol]:
+    """The built-in protocols by name."""
+    found = (load_protocol(p) for p in sorted(protocols_dir().glob("*.yaml")))
+    return {p.name: p for p in found}
+
+
+def protocol_for_folder(folder: Path, source_site: str | None, target_sites: tuple[str, ...]) -> Protocol:
+    """A protocol for any folder in the dataset layout: the other sites are targets unless given."""
+    from medtta.data.layout import read_dataset
+
+    dataset = read_dataset(folder)
+    if not source_site:
+        raise ProtocolError(f"--source-site is required with a dataset folder (sites in {folder}: "
+                            f"{', '.join(dataset.sites)})")
+    for site in (source_site, *target_sites):
+        if site not in dataset.sites:
+            raise ProtocolError(f"site '{site}' is not in {folder / 'sites.csv'} (sites: {', '.join(dataset.sites)})")
+    targets = target_sites or tuple(s for s in dataset.sites if s != source_site)
+    if not targets:
+        raise ProtocolError(f"{folder / 'sites.csv'}: no site other than the source site '{source_site}' to adapt to")
+    return Protocol(
+        name=dataset.name,
+        modality=dataset.modality,
+        labels=dataset.labels,
+        source_site=source_site,
+        target_sites=tuple(targets),
+        dataset={"folder": str(folder.resolve())},
+        description=f"dataset folder {folder}",
+        preprocessing=Preprocessing(intensity=dataset.modality.lower()),
+        source=str(folder),
+    )
+
+
+def resolve_protocol(
+    dataset: str, source_site: str | None = None, target_sites: tuple[str, ...] = ()
+) -> Protocol:
+    """`--dataset` as a built-in protocol name, a protocol YAML file, or a dataset folder."""
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        return protocol_for_folder(path, source_site, target_sites)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        protocol = load_protocol(path)
+    else:
+        available = list_protocols()
+        if dataset not in available:
+            raise ProtocolError(f"--dataset '{dataset}' is neither a protocol ({', '.join(available)}) "
+                                "nor a dataset folder")
+        protocol = available[dataset]
+    return protocol.with_sites(source_site, target_sites or None)

@@ -1,0 +1,59 @@
+"""MLflow tracking as DESIGN.md lays it out: an experiment per protocol, a parent run per
+(method, protocol, seed), a nested child run per target site, per-case rows as a table artifact."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+import medtta
+
+
+def tracking_uri(override: str | None, results: Path) -> str:
+    """`--tracking-uri`, else `MLFLOW_TRACKING_URI`, else a SQLite store in the results dir."""
+    return override or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results / 'mlflow.db'}"
+
+
+def experiment_name(protocol: str) -> str:
+    return f"medtta/{protocol}"
+
+
+class Tracker:
+    """Thin wrapper over MLflow's fluent API; runs end FAILED when their block raises."""
+
+    def __init__(self, uri: str, protocol: str) -> None:
+        self.uri = uri
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment_name(protocol))
+
+    @contextmanager
+    def run(self, name: str, tags: dict[str, Any], params: dict[str, Any] | None = None,
+            nested: bool = False) -> Iterator[str]:
+        """A run (nested under the active one when `nested`); yields its id."""
+        all_tags = {"medtta.version": medtta.__version__, **{k: str(v) for k, v in tags.items()}}
+        with mlflow.start_run(run_name=name, nested=nested, tags=all_tags) as active:
+            if params:
+                mlflow.log_params(params)
+            yield active.info.run_id
+
+    @staticmethod
+    def log_metrics(metrics: dict[str, float]) -> None:
+        """Log the finite metrics (MLflow cannot plot NaN; a missing key says 'undefined')."""
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)})
+
+    @staticmethod
+    def log_table(rows: list[dict[str, Any]], name: str) -> None:
+        """Per-case rows as one table artifact (`<name>.json`, shown in the UI's artifact view)."""
+        if rows:
+            columns = list(rows[0])
+            mlflow.log_table({c: [r.get(c) for r in rows] for c in columns}, artifact_file=f"{name}.json")
+
+    @staticmethod
+    def log_artifact(path: Path) -> None:
+        mlflow.log_artifact(str(path))
