@@ -4,8 +4,8 @@ through an adapter in the episodic or continual setting, logging everything to M
 from __future__ import annotations
 
 import copy
-import dataclasses
 import csv
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field

@@ -57,6 +57,7 @@ class Protocol:
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     training: Training = field(default_factory=Training)
+    manifest: str | None = None  # CSV of the expected cases (case_id, site, split[, checksums]), beside the YAML
     source: str = "<built in>"
 
     def with_sites(self, source_site: str | None, target_sites: tuple[str, ...] | None) -> Protocol:
@@ -131,6 +132,7 @@ def parse_protocol(raw: Any, path: Path) -> Protocol:
         split_fractions=fractions,
         preprocessing=_section(path, raw, "preprocessing", Preprocessing),
         training=_section(path, raw, "training", Training),
+        manifest=raw.get("manifest"),
         source=str(path),
     )
 

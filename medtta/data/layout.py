@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import numpy as np
 from medtta.errors import DataError
 
 SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.csv"
+MANIFEST_FIELDS = ["case_id", "site", "split", "image", "image_sha256", "label", "label_sha256"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,8 @@ class Dataset:
         return [c for c in self.cases if c.site == site and (split is None or c.split == split)]
 
 
-def _read_json(path: Path) -> dict:
+def read_dataset_json(path: Path) -> dict:
+    """Parse and check an nnU-Net `dataset.json`."""
     if not path.is_file():
         raise DataError(f"{path}: missing (every dataset folder needs a dataset.json)")
     try:
@@ -84,7 +88,8 @@ def _read_json(path: Path) -> dict:
     return meta
 
 
-def _read_sites(path: Path) -> list[dict[str, str]]:
+def read_sites_csv(path: Path) -> list[dict[str, str]]:
+    """Parse and check a `case_id,site[,split]` table."""
     if not path.is_file():
         raise DataError(f"{path}: missing (medtta needs a case_id,site[,split] table)")
     with path.open(newline="") as fh:
@@ -107,10 +112,10 @@ def read_dataset(root: str | Path) -> Dataset:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
-    meta = _read_json(root / "dataset.json")
+    meta = read_dataset_json(root / "dataset.json")
     ending = meta.get("file_ending", ".nii.gz")
     cases = []
-    for row in _read_sites(root / "sites.csv"):
+    for row in read_sites_csv(root / "sites.csv"):
         cid = row["case_id"].strip()
         case = Case(
             case_id=cid,
@@ -134,7 +139,8 @@ def read_dataset(root: str | Path) -> Dataset:
     )
 
 
-def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Voxel array (a 4D array with one frame squeezed to 3D) and spacing; unreadable files name the path."""
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
@@ -144,24 +150,30 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     return data, tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
 
 
-def load_volume(case: Case, labels: dict[str, int]) -> Volume:
-    """Load a case and check what a segmentation needs: matching shapes, finite image, known labels."""
-    image, spacing = _load_nifti(case.image)
-    label, _ = _load_nifti(case.label)
+def check_pair(image: np.ndarray, label: np.ndarray, labels: dict[str, int], image_path: Path,
+               label_path: Path) -> None:
+    """What a segmentation case needs: matching 2D/3D shapes, a finite image, integer labels in `labels`."""
     if image.shape != label.shape:
-        raise DataError(f"{case.label}: shape {label.shape} differs from image {case.image} shape {image.shape}")
+        raise DataError(f"{label_path}: shape {label.shape} differs from image {image_path} shape {image.shape}")
     if image.ndim not in (2, 3):
-        raise DataError(f"{case.image}: expected a 2D or 3D image, got shape {image.shape}")
-    image = image.astype(np.float32)
+        raise DataError(f"{image_path}: expected a 2D or 3D image, got shape {image.shape}")
     if not np.isfinite(image).all():
-        raise DataError(f"{case.image}: contains NaN or infinite values")
-    if np.any(label != np.round(label)):
-        raise DataError(f"{case.label}: label values must be integers")
-    known = set(labels.values())
-    unknown = sorted(set(np.unique(label).astype(int).tolist()) - known)
+        raise DataError(f"{image_path}: contains NaN or infinite values")
+    values = np.unique(label)
+    if np.any(values != np.round(values)):
+        raise DataError(f"{label_path}: label values must be integers")
+    unknown = sorted(set(values.astype(int).tolist()) - set(labels.values()))
     if unknown:
-        raise DataError(f"{case.label}: label values {unknown} are not in dataset.json labels {sorted(known)}")
-    return Volume(case.case_id, image, label.astype(np.int64), spacing)
+        raise DataError(f"{label_path}: label values {unknown} are not in dataset.json labels "
+                        f"{sorted(labels.values())}")
+
+
+def load_volume(case: Case, labels: dict[str, int]) -> Volume:
+    """Load a case, checked with `check_pair`."""
+    image, spacing = load_nifti(case.image)
+    label, _ = load_nifti(case.label)
+    check_pair(image, label, labels, case.image, case.label)
+    return Volume(case.case_id, image.astype(np.float32), label.astype(np.int64), spacing)
 
 
 def assign_splits(dataset: Dataset, source_site: str, seed: int, fractions: tuple[float, float, float]) -> Dataset:
@@ -184,9 +196,12 @@ def assign_splits(dataset: Dataset, source_site: str, seed: int, fractions: tupl
     return Dataset(dataset.root, dataset.name, dataset.labels, dataset.channel, cases)
 
 
-def write_case(root: Path, case_id: str, image: np.ndarray, label: np.ndarray, spacing: tuple[float, ...]) -> None:
-    """Write one case's image and label as NIfTI into the layout."""
-    affine = np.diag([*spacing, *([1.0] * (3 - len(spacing))), 1.0])
+def write_case(root: Path, case_id: str, image: np.ndarray, label: np.ndarray,
+               spacing: tuple[float, ...] = (1.0, 1.0, 1.0), *, affine: np.ndarray | None = None) -> None:
+    """Write one case's image and label as NIfTI into the layout, with `affine` (from the source file)
+    or, without one, an axis-aligned affine of `spacing`."""
+    if affine is None:
+        affine = np.diag([*spacing, *([1.0] * (3 - len(spacing))), 1.0])
     for folder, name, array in (
         ("imagesTr", f"{case_id}_0000.nii.gz", image.astype(np.float32)),
         ("labelsTr", f"{case_id}.nii.gz", label.astype(np.uint8)),
@@ -209,3 +224,37 @@ def write_metadata(
         writer.writerow(["case_id", "site", "split"] if with_split else ["case_id", "site"])
         for cid, site, split in rows:
             writer.writerow([cid, site, split] if with_split else [cid, site])
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_row(root: Path, case_id: str, site: str, split: str | None) -> dict[str, str]:
+    """A manifest row for a written case: its files and their sha256."""
+    row = {"case_id": case_id, "site": site, "split": split or ""}
+    for key, rel in (("image", f"imagesTr/{case_id}_0000.nii.gz"), ("label", f"labelsTr/{case_id}.nii.gz")):
+        row[key] = rel
+        row[f"{key}_sha256"] = sha256(root / rel)
+    return row
+
+
+def read_manifest(path: Path) -> dict[str, dict[str, str]]:
+    """Manifest rows by case id (empty when there is no manifest yet)."""
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as fh:
+        return {row["case_id"]: row for row in csv.DictReader(fh)}
+
+
+def append_manifest(root: Path, row: dict[str, str]) -> None:
+    """Append one row to `<root>/manifest.csv`, written per case so that an interrupted run resumes."""
+    with (root / MANIFEST).open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
+        if fh.tell() == 0:
+            writer.writeheader()
+        writer.writerow(row)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.utils import convert_to_tensor
 from monai.transforms import Compose, NormalizeIntensity, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles
+from monai.utils import convert_to_tensor
 
 from medtta.data.layout import Volume
 from medtta.protocol import Preprocessing

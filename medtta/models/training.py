@@ -16,8 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medtta.data.layout import Dataset, Volume, load_volume
-from medtta.errors import DataError
 from medtta.data.preprocess import image_slices, label_slices, to_native
+from medtta.errors import DataError
 from medtta.metrics import mean, volume_dice
 from medtta.models.networks import build_network
 from medtta.protocol import Protocol

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from types import ModuleType
 from pathlib import Path
+from types import ModuleType
 
+from medtta.data.layout import append_manifest, manifest_row, read_sites_csv
 from medtta.data.synthetic import cardiac
 from medtta.errors import ProtocolError
 
@@ -28,6 +29,8 @@ def ensure_synthetic(generator: str, root: Path, params: dict) -> Path:
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     module.generate(tmp, **params)
+    for row in read_sites_csv(tmp / "sites.csv"):
+        append_manifest(tmp, manifest_row(tmp, row["case_id"], row["site"], row.get("split")))
     (tmp / _STAMP).write_text(json.dumps(stamp, indent=2))
     tmp.rename(root)
     return root
