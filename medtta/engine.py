@@ -155,7 +155,8 @@ class Engine:
         return {"method": c.method, "setting": self.setting, "steps": self.steps, "batch_size": c.batch_size,
                 "seed": c.seed, "device": self.device.type, "source_site": p.source_site,
                 "target_sites": ",".join(p.target_sites), "architecture": self.adapter_cls.architecture,
-                "train_epochs": p.training.epochs, "train_lr": p.training.lr, "input_size": "x".join(map(str, p.preprocessing.size)),
+                "train_epochs": p.training.epochs, "train_lr": p.training.lr,
+                "input_size": "x".join(map(str, p.preprocessing.size)),
                 **{f"hp.{k}": v for k, v in hparams.items()}}
 
     def tags(self) -> dict[str, Any]:

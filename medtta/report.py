@@ -11,6 +11,16 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
 def summary_table(result: RunResult) -> str:
     """Per target site: Dice before and after adaptation, in-domain Dice, recovery, cost."""
     header = ["site", "cases", "dice_source", "dice_adapted", "dice_in_domain", "recovery", "s/volume", "collapsed"]
@@ -18,8 +28,4 @@ def summary_table(result: RunResult) -> str:
              _fmt(s.summary.get("dice", math.nan)), _fmt(result.dice_in_domain), _fmt(s.summary["dice_recovery"]),
              _fmt(s.summary["seconds_per_volume"], 2), str(int(s.summary["collapsed_cases"]))]
             for s in result.sites]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(header, rows)

@@ -66,7 +66,8 @@ def _parse_params(values: tuple[str, ...]) -> dict:
               help="auto uses CUDA when present.")
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path),
               help="Results dir: models, tables, MLflow store (default: $MEDTTA_RESULTS or ./medtta-results).")
-@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in the results dir).")
+@click.option("--tracking-uri",
+              help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in the results dir).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def run(method, dataset, source_site, target_sites, setting, seed, steps, batch_size, params, epochs, device,
         results, tracking_uri, quiet) -> None:

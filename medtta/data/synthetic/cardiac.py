@@ -87,7 +87,8 @@ def _slice(s: dict[str, float], z: float, x: np.ndarray, y: np.ndarray) -> tuple
     return tissue, label
 
 
-def render(anatomy: dict[str, float], site: dict[str, float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def render(anatomy: dict[str, float], site: dict[str, float],
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Render one subject at one site: (image, label), shaped (X, Y, slices)."""
     n = int(round(FOV_MM / site["pixel"]))
     coords = (np.arange(n) - (n - 1) / 2) * site["pixel"]
