@@ -13,6 +13,7 @@ from medtta.errors import ProtocolError
 
 SETTINGS = ("episodic", "continual")
 MODALITIES = ("MRI", "CT", "OCT")
+INTENSITY_SCHEMES = {"MRI": "mr", "CT": "ct", "OCT": "oct"}  # the default normalization of each modality
 
 
 def protocols_dir() -> Path:
@@ -115,6 +116,10 @@ def parse_protocol(raw: Any, path: Path) -> Protocol:
     setting = raw.get("setting", "episodic")
     if setting not in SETTINGS:
         raise _fail(path, f"field 'setting' must be one of {', '.join(SETTINGS)}, got '{setting}'")
+    preprocessing = _section(path, raw, "preprocessing", Preprocessing)
+    if preprocessing.intensity not in INTENSITY_SCHEMES.values():
+        raise _fail(path, f"field 'preprocessing.intensity' must be one of {', '.join(INTENSITY_SCHEMES.values())}, "
+                          f"got '{preprocessing.intensity}'")
     split = raw.get("split") or {}
     fractions = tuple(split.get("fractions", (0.7, 0.15, 0.15)))
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6:
@@ -130,7 +135,7 @@ def parse_protocol(raw: Any, path: Path) -> Protocol:
         setting=setting,
         split_seed=int(split.get("seed", 0)),
         split_fractions=fractions,
-        preprocessing=_section(path, raw, "preprocessing", Preprocessing),
+        preprocessing=preprocessing,
         training=_section(path, raw, "training", Training),
         manifest=raw.get("manifest"),
         source=str(path),
@@ -177,7 +182,7 @@ def protocol_for_folder(folder: Path, source_site: str | None, target_sites: tup
         target_sites=tuple(targets),
         dataset={"folder": str(folder.resolve())},
         description=f"dataset folder {folder}",
-        preprocessing=Preprocessing(intensity=dataset.modality.lower()),
+        preprocessing=Preprocessing(intensity=INTENSITY_SCHEMES[dataset.modality]),
         source=str(folder),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def main() -> None:
     Train a model on one site, adapt it at the others, and compare methods by Dice recovery
     in MLflow. Start with:  medtta run --method tent --dataset synth-mri
     """
+    for noisy in ("mlflow", "alembic"):  # their INFO lines (store migrations) would bury our output
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _parse_params(values: tuple[str, ...]) -> dict:
@@ -136,7 +139,8 @@ def data() -> None:
 @click.option("--to", "out", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: $MEDTTA_DATA/NAME).")
 @click.option("--sites", type=click.Path(dir_okay=False, path_type=Path),
-              help="nnunet recipe only: CSV with case_id,site[,split].")
+              help="CSV telling each case's site: case_id,site[,split] for nnunet; the scanner metadata CSV "
+                   "for amos when it is not inside the download folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def data_prepare(name: str, download: Path, out: Path | None, sites: Path | None, quiet: bool) -> None:
     """Convert dataset NAME from its official download layout into the medtta layout.

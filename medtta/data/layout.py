@@ -178,13 +178,13 @@ def load_volume(case: Case, labels: dict[str, int]) -> Volume:
 
 def assign_splits(dataset: Dataset, source_site: str, seed: int, fractions: tuple[float, float, float]) -> Dataset:
     """Give every case a split: keep a `split` column where present, else split the source site by a seeded
-    shuffle into train/val/test with `fractions`; every other site's cases become test cases."""
+    shuffle into train/val/test with `fractions` (at least one case for a non-zero fraction); every other
+    site's cases become test cases."""
     if all(c.split for c in dataset.cases):
         return dataset
     source = sorted(c.case_id for c in dataset.cases_of(source_site) if not c.split)
     order = [source[i] for i in np.random.default_rng(seed).permutation(len(source))]
-    n_val = max(1, round(fractions[1] * len(order)))
-    n_test = max(1, round(fractions[2] * len(order)))
+    n_val, n_test = (max(1, round(f * len(order))) if f > 0 else 0 for f in fractions[1:])
     chosen = {cid: "val" for cid in order[:n_val]}
     chosen.update({cid: "test" for cid in order[n_val : n_val + n_test]})
     chosen.update({cid: "train" for cid in order[n_val + n_test :]})

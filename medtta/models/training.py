@@ -15,7 +15,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 from tqdm.auto import tqdm
 
-from medtta.data.layout import Dataset, Volume, load_volume
+from medtta.data.layout import Dataset, Volume, load_volume, sha256
 from medtta.data.preprocess import image_slices, label_slices, to_native
 from medtta.errors import DataError
 from medtta.metrics import mean, volume_dice
@@ -26,10 +26,12 @@ TRAINING_VERSION = 1
 
 
 def checkpoint_path(results: Path, protocol: Protocol, dataset: Dataset, architecture: str, seed: int) -> Path:
-    """Cache path; the key covers everything that changes the trained weights."""
-    cases = sorted((c.case_id, c.split) for c in dataset.cases_of(protocol.source_site) if c.split != "test")
-    key = json.dumps([TRAINING_VERSION, protocol.labels, asdict(protocol.preprocessing), asdict(protocol.training),
-                      protocol.dataset, cases], sort_keys=True, default=str)
+    """Cache path; the key covers everything that changes the trained weights, the training files by content
+    (so a copied or moved dataset reuses its model, and an edited one does not)."""
+    files = sorted((c.case_id, c.split, sha256(c.image), sha256(c.label))
+                   for c in dataset.cases_of(protocol.source_site) if c.split in ("train", "val"))
+    key = json.dumps([TRAINING_VERSION, architecture, protocol.labels, asdict(protocol.preprocessing),
+                      asdict(protocol.training), files], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return results / "models" / protocol.name / f"{architecture}-{protocol.source_site}-seed{seed}-{digest}.pt"
 

@@ -54,7 +54,7 @@ class Recipe:
 
     def __init__(self, **options: Any) -> None:
         if options:
-            raise DataError(f"recipe '{self.name}' takes no options (got {', '.join(options)})")
+            raise DataError(f"recipe '{self.name}' takes no option --{', --'.join(options)}")
 
     def find_cases(self, download: Path) -> list[SourceCase]:
         raise NotImplementedError
@@ -80,7 +80,8 @@ def read_image(path: Path) -> nib.Nifti1Image:
     except DataError:
         raise
     except Exception as err:  # readers raise many types for truncated or foreign files
-        raise DataError(f"{path}: cannot be read as an image ({err})") from None
+        reason = " ".join(str(err).split())  # SimpleITK's messages span several lines
+        raise DataError(f"{path}: cannot be read as an image ({reason})") from None
 
 
 def sitk_to_nifti(image: sitk.Image) -> nib.Nifti1Image:
@@ -107,7 +108,7 @@ def map_labels(label: nib.Nifti1Image, mapping: dict[int, int], path: Path) -> n
     raw = np.asanyarray(label.dataobj)
     out = np.zeros(raw.shape, np.uint8)
     for value in np.unique(raw):
-        if int(value) not in mapping:
+        if value != int(value) or int(value) not in mapping:
             raise DataError(f"{path}: label value {value} is not one of the dataset's values {sorted(mapping)}")
         out[raw == value] = mapping[int(value)]
     return nib.Nifti1Image(out, label.affine)
@@ -143,7 +144,8 @@ def prepare(recipe: Recipe, download: Path, out: Path, progress: bool = True) ->
     written = 0
     for case in tqdm(cases, desc=f"preparing {recipe.name}", unit="case", disable=not progress):
         row = done.get(case.case_id)
-        if row and all((out / row[k]).is_file() for k in ("image", "label")):
+        if row and (row["site"], row["split"]) == (case.site, case.split or "") and all(
+                (out / row[k]).is_file() for k in ("image", "label")):
             continue
         row = _write_case(recipe, case, out)
         append_manifest(out, row)

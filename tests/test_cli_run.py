@@ -1,0 +1,197 @@
+"""`medtta run` end to end on a small dataset folder: summary, MLflow records, caching, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from medtta.cli.main import main
+from medtta.data.synthetic.cardiac import generate
+from medtta.metrics import dice_recovery
+
+SITE_METRICS = {"dice", "dice_LV", "dice_MYO", "dice_RV", "hd95", "dice_source", "dice_in_domain", "dice_recovery",
+                "seconds_per_volume", "collapsed_cases"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ds") / "tiny-cardiac"
+    generate(root, seed=1, cases={"A": 6, "B": 2, "C": 2}, splits={"A": [4, 1]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """Shared across this module so the source model is trained once."""
+    return tmp_path_factory.mktemp("results")
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def run_args(dataset: Path, results: Path, *extra: str) -> list[str]:
+    return ["run", "--dataset", str(dataset), "--source-site", "A", "--epochs", "2", "--results", str(results),
+            "-q", *extra]
+
+
+def uri(results: Path) -> str:
+    results.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{results / 'mlflow.db'}"
+
+
+def client_for(results: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri(results))
+
+
+def runs_of(results: Path, experiment: str = "medtta/synth-mri") -> list:
+    client = client_for(results)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_run_logs_parent_and_child_runs(dataset: Path, results: Path) -> None:
+    code, out, err = invoke(*run_args(dataset, results, "--method", "tent"))
+    assert code == 0, err
+    assert "site  cases  dice_source  dice_adapted  dice_in_domain  recovery" in out
+    assert f"mlflow ui --backend-store-uri {uri(results)}" in out
+    runs = runs_of(results)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and sorted(r.data.tags["medtta.site"] for r in children) == ["B", "C"]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {k: parent.data.tags[k] for k in ("medtta.method", "medtta.protocol", "medtta.modality",
+                                              "medtta.setting", "medtta.seed")} == {
+        "medtta.method": "tent", "medtta.protocol": "synth-mri", "medtta.modality": "MRI",
+        "medtta.setting": "episodic", "medtta.seed": "0"}
+    assert parent.data.tags["medtta.version"]
+    assert parent.data.params["steps"] == "1" and parent.data.params["hp.lr"] == "0.001"
+    assert parent.data.params["batch_size"] == "32" and parent.data.params["setting"] == "episodic"
+    for child in children:
+        m = child.data.metrics
+        assert SITE_METRICS <= set(m), SITE_METRICS - set(m)
+        assert m["dice_recovery"] == pytest.approx(dice_recovery(m["dice"], m["dice_source"], m["dice_in_domain"]))
+        assert m["dice_in_domain"] == pytest.approx(parent.data.metrics["dice_in_domain"])
+        table = json.loads(Path(mlflow.artifacts.download_artifacts(
+            run_id=child.info.run_id, artifact_path="cases.json", tracking_uri=uri(results))).read_text())
+        rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+        assert [r["case_id"] for r in rows] == [f"{child.data.tags['medtta.site']}{i:03d}" for i in range(2)]
+        assert np.mean([r["dice"] for r in rows]) == pytest.approx(m["dice"])
+
+
+def test_second_run_reuses_the_model_and_gives_the_same_numbers(dataset: Path, results: Path) -> None:
+    checkpoints = list((results / "models" / "synth-mri").glob("*.pt"))
+    assert len(checkpoints) == 1
+    mtime = checkpoints[0].stat().st_mtime_ns
+    code, _, err = invoke(*run_args(dataset, results, "--method", "tent"))
+    assert code == 0, err
+    assert checkpoints[0].stat().st_mtime_ns == mtime
+    first, second = [r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags][-2:]
+    for key in ("dice", "dice_source", "dice_recovery", "dice_in_domain"):
+        assert first.data.metrics[key] == second.data.metrics[key]
+
+
+def test_target_site_and_continual_setting(dataset: Path, results: Path) -> None:
+    code, out, err = invoke(*run_args(dataset, results, "--method", "bn-stats", "--target-site", "C",
+                                      "--setting", "continual"))
+    assert code == 0, err
+    parent = [r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags][-1]
+    assert parent.data.tags["medtta.setting"] == "continual" and parent.data.params["target_sites"] == "C"
+    assert "\nC " in out and "\nB " not in out
+
+
+def test_list_commands() -> None:
+    code, out, _ = invoke("list", "adapters")
+    assert code == 0 and "tent  " in out and "bn-stats" in out and "source" in out
+    code, out, _ = invoke("list", "adapters", "*bn*")
+    assert out.splitlines()[0].startswith("bn-stats") and len(out.splitlines()) == 1
+    code, out, _ = invoke("list", "protocols")
+    assert code == 0 and "synth-mri" in out and "A -> B, C, D" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "-m", "nope", "-d", "synth-mri"], "Error: unknown adapter 'nope' (available: bn-stats, source, tent"),
+        (["run", "-m", "tent", "-d", "nope"], "Error: --dataset 'nope' is neither a protocol"),
+        (["run", "-m", "tent", "-d", "synth-mri", "-p", "lrr=1"], "Error: Tent has no hyper-parameter lrr"),
+    ],
+)
+def test_bad_options(args: list[str], message: str) -> None:
+    code, _, err = invoke(*args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_folder_needs_source_site(dataset: Path) -> None:
+    code, _, err = invoke("run", "-m", "tent", "-d", str(dataset))
+    assert code == 2 and "--source-site is required with a dataset folder (sites in" in err
+    code, _, err = invoke("run", "-m", "tent", "-d", str(dataset), "--source-site", "Z")
+    assert code == 2 and "site 'Z' is not in" in err
+
+
+def _copy(dataset: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(dataset, tmp_path / "copy"))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        ("shape", "C001.nii.gz: shape (5, 5, 2) differs from image"),
+        ("label", "C001.nii.gz: label values [7] are not in dataset.json labels [0, 1, 2, 3]"),
+        ("nan", "C001_0000.nii.gz: contains NaN or infinite values"),
+    ],
+)
+def test_bad_case_fails_the_run_and_keeps_evaluated_cases(dataset: Path, results: Path, tmp_path: Path,
+                                                          corrupt: str, message: str) -> None:
+    copy = _copy(dataset, tmp_path)
+    image_path, label_path = copy / "imagesTr" / "C001_0000.nii.gz", copy / "labelsTr" / "C001.nii.gz"
+    image, label = nib.load(str(image_path)), nib.load(str(label_path))
+    if corrupt == "shape":
+        nib.save(nib.Nifti1Image(np.zeros((5, 5, 2), np.uint8), label.affine), str(label_path))
+    elif corrupt == "label":
+        data = np.asanyarray(label.dataobj).copy()
+        data[0, 0, 0] = 7
+        nib.save(nib.Nifti1Image(data, label.affine), str(label_path))
+    else:
+        data = image.get_fdata().astype(np.float32)
+        data[0, 0, 0] = np.nan
+        nib.save(nib.Nifti1Image(data, image.affine), str(image_path))
+    own_store = tmp_path / "store"  # own MLflow store, shared model cache (the training files are unchanged)
+    code, _, err = invoke(*run_args(copy, results, "--method", "bn-stats", "--tracking-uri", uri(own_store)))
+    assert code == 2 and message in err and "Traceback" not in err
+    assert err.strip().count("\n") == 0  # one line
+    runs = runs_of(own_store)
+    assert {r.info.status for r in runs} == {"FAILED", "FINISHED"}
+    by_site = {r.data.tags["medtta.site"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert by_site["B"].info.status == "FINISHED" and by_site["C"].info.status == "FAILED"
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FAILED"
+    kept = results / "runs" / "synth-mri" / parent.info.run_id / "cases-C.csv"
+    assert kept.read_text().splitlines()[1].startswith("C000,C,")
+
+
+def test_missing_dataset_folder_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    code, _, err = invoke("run", "-m", "tent", "-d", str(tmp_path / "empty"), "--source-site", "A")
+    assert code == 2 and err.strip() == f"Error: {tmp_path / 'empty' / 'dataset.json'}: missing (every dataset " \
+                                          "folder needs a dataset.json)"
+
+
+def test_cuda_requested_without_cuda(dataset: Path, results: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = invoke(*run_args(dataset, results, "--method", "source", "--device", "cuda"))
+    assert code == 2 and "--device cuda: no CUDA device is available" in err

@@ -1,0 +1,59 @@
+"""Metrics on cases whose answer is known by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medtta.metrics import collapsed, dice_recovery, volume_dice, volume_metrics
+
+LABELS = {"background": 0, "a": 1, "b": 2}
+
+
+def _volumes() -> tuple[torch.Tensor, torch.Tensor]:
+    ref = torch.zeros(12, 12, 3, dtype=torch.long)
+    ref[2:6, 2:6, :] = 1  # 48 voxels
+    ref[8:10, 8:10, 1] = 2  # 4 voxels
+    pred = torch.zeros_like(ref)
+    pred[2:6, 2:4, :] = 1  # 24 voxels, all inside the reference
+    pred[8:10, 8:10, 1] = 2
+    return pred, ref
+
+
+def test_dice_on_known_case() -> None:
+    pred, ref = _volumes()
+    d = volume_dice(pred, ref, LABELS)
+    assert d["dice_a"] == pytest.approx(2 * 24 / (24 + 48))
+    assert d["dice_b"] == pytest.approx(1.0)
+    assert d["dice"] == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_label_absent_from_reference_is_left_out() -> None:
+    pred, ref = _volumes()
+    ref[ref == 2] = 0
+    d = volume_dice(pred, ref, LABELS)
+    assert math.isnan(d["dice_b"]) and d["dice"] == pytest.approx(2 / 3)
+
+
+def test_hd95_in_mm() -> None:
+    pred, ref = _volumes()
+    m = volume_metrics(pred, ref, LABELS, spacing=(1.0, 1.0, 1.0))
+    assert m["hd95"] == pytest.approx((2.0 + 0.0) / 2)  # label a: columns 4-5 are 1-2 voxels away; b exact
+    m = volume_metrics(pred, ref, LABELS, spacing=(1.0, 3.0, 1.0))
+    assert m["hd95"] == pytest.approx((6.0 + 0.0) / 2)  # the gap runs along the second axis
+
+
+def test_recovery() -> None:
+    assert dice_recovery(0.8, 0.6, 0.9) == pytest.approx(2 / 3)
+    assert dice_recovery(0.5, 0.6, 0.9) == pytest.approx(-1 / 3)
+    assert dice_recovery(0.9, 0.6, 0.9) == pytest.approx(1.0)
+    assert math.isnan(dice_recovery(0.7, 0.9, 0.9))
+
+
+def test_collapse() -> None:
+    pred, ref = _volumes()
+    assert not collapsed(pred, ref)
+    pred[pred == 2] = 0
+    assert collapsed(pred, ref)
