@@ -31,6 +31,8 @@ class Tracker:
         self.uri = uri
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment_name(protocol))
+        # MLflow 3's UI opens an untagged experiment on its GenAI overview; this shows the runs table
+        mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")
 
     @contextmanager
     def run(self, name: str, tags: dict[str, Any], params: dict[str, Any] | None = None,

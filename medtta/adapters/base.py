@@ -117,12 +117,12 @@ class MixedBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input, got {x.dim()}D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.source_weight == 0:  # batch statistics alone: the fused kernel, gradients through the statistics
+            return nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         dims = [0, *range(2, x.dim())]
-        mean = x.mean(dims)
-        var = x.var(dims, unbiased=False)
         w = self.source_weight
-        if w > 0:
-            mean, var = w * self.running_mean + (1 - w) * mean, w * self.running_var + (1 - w) * var
+        mean = w * self.running_mean + (1 - w) * x.mean(dims)
+        var = w * self.running_var + (1 - w) * x.var(dims, unbiased=False)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         return out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out

@@ -32,8 +32,6 @@ def main() -> None:
     Train a model on one site, adapt it at the others, and compare methods by Dice recovery
     in MLflow. Start with:  medtta run --method tent --dataset synth-mri
     """
-    for noisy in ("mlflow", "alembic"):  # their INFO lines (store migrations) would bury our output
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _parse_params(values: tuple[str, ...]) -> dict:
@@ -84,6 +82,8 @@ def run(method, dataset, source_site, target_sites, setting, seed, steps, batch_
     from medtta.protocol import resolve_protocol
     from medtta.report import summary_table
 
+    for noisy in ("mlflow", "alembic"):  # their INFO lines (store migrations) would bury our output; MLflow
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # sets its level on import, so after the imports
     protocol = resolve_protocol(dataset, source_site, tuple(target_sites))
     config = RunConfig(method=method, setting=setting, seed=seed, steps=steps, batch_size=batch_size,
                        hparams=_parse_params(params), device=device, results=results, tracking_uri=tracking_uri,

@@ -9,10 +9,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from recipe_checks import (
+    assert_check_passes,
+    assert_manifest_matches,
+    assert_one_line_error,
+    assert_prepared,
+    assert_rerun_skips,
+    prepare,
+    read_sites,
+)
 
-from medtta.cli.main import main
-from medtta.data.layout import sha256
 from medtta.data.recipes.amos import AmosRecipe
 from medtta.protocol import list_protocols
 
@@ -70,29 +76,12 @@ def download(tmp_path: Path, write_nifti) -> tuple[Path, dict[str, np.ndarray]]:
     return root, labels
 
 
-def prepare(download: Path, out: Path, *extra: str):
-    return CliRunner().invoke(main, ["data", "prepare", "amos", "--from", str(download), "--to", str(out), "-q",
-                                     *extra])
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_prepare_end_to_end(download, tmp_path: Path) -> None:
     root, labels = download
     out = tmp_path / "amos"
-    result = prepare(root, out)
-    assert result.exit_code == 0, result.output
-    assert "7 cases" in result.output and "(7 written, 0 already there)" in result.output
+    assert_prepared(prepare("amos", root, out), "amos", 7)
 
-    with (out / "sites.csv").open(newline="") as fh:
-        assert list(csv.reader(fh)) == EXPECTED_SITES
+    assert read_sites(out) == EXPECTED_SITES
     assert not (out / "imagesTr" / "amos_0003_0000.nii.gz").exists()  # Ts without a label
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["labels"] == AmosRecipe.labels and len(meta["labels"]) == 16
@@ -104,43 +93,35 @@ def test_prepare_end_to_end(download, tmp_path: Path) -> None:
         spacing = CT_SPACING if int(cid[5:]) <= 500 else MR_SPACING
         assert image.header.get_zooms() == pytest.approx(spacing) and np.allclose(image.affine, label.affine)
 
-    with (out / "manifest.csv").open(newline="") as fh:
-        manifest = list(csv.DictReader(fh))
-    assert [r["case_id"] for r in manifest] == [row[0] for row in EXPECTED_SITES[1:]]
+    manifest = assert_manifest_matches(out, [row[0] for row in EXPECTED_SITES[1:]])
     assert [r["split"] for r in manifest] == [row[2] for row in EXPECTED_SITES[1:]]
-    for row in manifest:
-        assert row["image_sha256"] == sha256(out / row["image"]) and row["label_sha256"] == sha256(out / row["label"])
+    assert_check_passes(out)
 
-    check = CliRunner().invoke(main, ["data", "check", str(out), "-q"])
-    assert check.exit_code == 0 and "OK" in check.output, check.output
-
-    again = prepare(root, out)
-    assert again.exit_code == 0 and "(0 written, 7 already there)" in again.output
+    assert_rerun_skips("amos", root, out, 7)
 
 
 def test_dataset_folder_given_directly_and_metadata_by_option(download, tmp_path: Path) -> None:
     """`--from amos22/` finds the CSV one level up; a CSV kept elsewhere is given with --sites."""
     root, _ = download
-    assert prepare(root / "amos22", tmp_path / "a").exit_code == 0
+    assert prepare("amos", root / "amos22", tmp_path / "a").exit_code == 0
     elsewhere = tmp_path / "meta.csv"
     (root / "labeled_data_meta_0000_0599.csv").rename(elsewhere)
-    assert_one_line_error(prepare(root, tmp_path / "b"), "labeled_data_meta_0000_0599.csv", "--sites")
-    result = prepare(root, tmp_path / "b", "--sites", str(elsewhere))
+    assert_one_line_error(prepare("amos", root, tmp_path / "b"), "labeled_data_meta_0000_0599.csv", "--sites")
+    result = prepare("amos", root, tmp_path / "b", "--sites", str(elsewhere))
     assert result.exit_code == 0, result.output
-    with (tmp_path / "b" / "sites.csv").open(newline="") as fh:
-        assert list(csv.reader(fh)) == EXPECTED_SITES
+    assert read_sites(tmp_path / "b") == EXPECTED_SITES
 
 
 def test_missing_label(download, tmp_path: Path) -> None:
     root, _ = download
     (root / "amos22" / "labelsVa" / "amos_0052.nii.gz").unlink()
-    assert_one_line_error(prepare(root, tmp_path / "out"), "labelsVa/amos_0052.nii.gz", "missing")
+    assert_one_line_error(prepare("amos", root, tmp_path / "out"), "labelsVa/amos_0052.nii.gz", "missing")
 
 
 def test_missing_metadata_row(download, tmp_path: Path) -> None:
     root, _ = download
     write_meta(root / "labeled_data_meta_0000_0599.csv", [r for r in META if r[0] != 235])
-    assert_one_line_error(prepare(root, tmp_path / "out"), "labeled_data_meta_0000_0599.csv",
+    assert_one_line_error(prepare("amos", root, tmp_path / "out"), "labeled_data_meta_0000_0599.csv",
                           "no row for amos_id 235")
 
 
@@ -149,21 +130,22 @@ def test_wrong_metadata_row(download, tmp_path: Path) -> None:
     root, _ = download
     rows = [(541, "Optima CT660", "GE MEDICAL SYSTEMS", "people") if r[0] == 541 else r for r in META]
     write_meta(root / "labeled_data_meta_0000_0599.csv", rows)
-    assert_one_line_error(prepare(root, tmp_path / "out"), "labeled_data_meta_0000_0599.csv", "Optima CT660",
+    assert_one_line_error(prepare("amos", root, tmp_path / "out"), "labeled_data_meta_0000_0599.csv", "Optima CT660",
                           "amos_0541, MR by its id")
 
 
 def test_metadata_without_scanner_columns(download, tmp_path: Path) -> None:
     root, _ = download
     write_meta(root / "labeled_data_meta_0000_0599.csv", META, [*HEADER[:4], "Model", "Vendor", *HEADER[6:]])
-    assert_one_line_error(prepare(root, tmp_path / "out"), "labeled_data_meta_0000_0599.csv", "no 'manufacturer'")
+    assert_one_line_error(prepare("amos", root, tmp_path / "out"), "labeled_data_meta_0000_0599.csv",
+                          "no 'manufacturer'")
 
 
 def test_truncated_image(download, tmp_path: Path) -> None:
     root, _ = download
     image = root / "amos22" / "imagesTr" / "amos_0235.nii.gz"
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
-    assert_one_line_error(prepare(root, tmp_path / "out"), str(image), "cannot be read")
+    assert_one_line_error(prepare("amos", root, tmp_path / "out"), str(image), "cannot be read")
 
 
 def test_protocols_match_the_recipes() -> None:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from recipe_checks import (
+    assert_check_passes,
+    assert_manifest_matches,
+    assert_one_line_error,
+    assert_prepared,
+    assert_rerun_skips,
+    prepare,
+    read_sites,
+)
 
-from medtta.cli.main import main
 from medtta.data.datasets import open_dataset
-from medtta.data.layout import sha256
 from medtta.protocol import list_protocols
 
 SPACING = (1.0, 1.0, 1.2)
@@ -52,10 +57,6 @@ def build(tmp_path: Path, write_nifti: Callable[..., Path]) -> Callable[..., Pat
     return make
 
 
-def prepare(download: Path, out: Path) -> Result:
-    return CliRunner().invoke(main, ["data", "prepare", "cc359", "--from", str(download), "--to", str(out), "-q"])
-
-
 def written_label(out: Path, case_id: str) -> np.ndarray:
     return np.asanyarray(nib.load(out / "labelsTr" / f"{case_id}.nii.gz").dataobj)
 
@@ -63,14 +64,10 @@ def written_label(out: Path, case_id: str) -> np.ndarray:
 def test_prepare_converts_official_layout(build: Callable[..., Path], tmp_path: Path) -> None:
     download = build()
     out = tmp_path / "data" / "cc359"  # $MEDTTA_DATA/cc359: where the protocol looks
-    result = prepare(download, out)
-    assert result.exit_code == 0, result.output
-    assert "cc359: 7 cases" in result.stdout and "(7 written, 0 already there)" in result.stdout
+    assert_prepared(prepare("cc359", download, out), "cc359", 7)
 
-    with (out / "sites.csv").open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert reader.fieldnames == ["case_id", "site"]  # no official split: the protocol's seeded rule decides
-        assert [(r["case_id"], r["site"]) for r in reader] == EXPECTED
+    # header case_id,site: no official split, the protocol's seeded rule decides
+    assert read_sites(out) == [["case_id", "site"], *map(list, EXPECTED)]
 
     for (case_id, _), stem in zip(EXPECTED, STEMS, strict=True):
         image = nib.load(out / "imagesTr" / f"{case_id}_0000.nii.gz")
@@ -81,32 +78,24 @@ def test_prepare_converts_official_layout(build: Callable[..., Path], tmp_path: 
         assert image.header.get_zooms() == SPACING
         np.testing.assert_allclose(image.affine, source.affine)
 
-    with (out / "manifest.csv").open(newline="") as fh:
-        manifest = list(csv.DictReader(fh))
-    assert [r["case_id"] for r in manifest] == [c for c, _ in EXPECTED]
-    for row in manifest:
-        assert sha256(out / row["image"]) == row["image_sha256"]
-        assert sha256(out / row["label"]) == row["label_sha256"]
-
-    check = CliRunner().invoke(main, ["data", "check", str(out), "-q"])
-    assert check.exit_code == 0, check.output
+    assert_manifest_matches(out, [c for c, _ in EXPECTED])
+    assert_check_passes(out)
 
     dataset = open_dataset(list_protocols()["cc359"])  # every protocol site is there; philips_3 gets split
     assert sorted(c.split for c in dataset.cases_of("philips_3")) == ["test", "val"]
 
-    again = prepare(download, out)
-    assert again.exit_code == 0 and "(0 written, 7 already there)" in again.stdout
+    assert_rerun_skips("cc359", download, out, 7)
 
 
 def test_staple_masks_are_thresholded_and_ss_preferred(build: Callable[..., Path], tmp_path: Path) -> None:
     download = build(("staple",))
-    assert prepare(download, tmp_path / "staple").exit_code == 0
+    assert prepare("cc359", download, tmp_path / "staple").exit_code == 0
     for (case_id, _), stem in zip(EXPECTED, STEMS, strict=True):
         staple = np.asanyarray(nib.load(download / "CC359" / "STAPLE" / f"{stem}_staple.nii.gz").dataobj)
         np.testing.assert_array_equal(written_label(tmp_path / "staple", case_id), (staple > 0.5).astype(np.uint8))
 
     both = build(("ss", "staple"))
-    assert prepare(both, tmp_path / "both").exit_code == 0
+    assert prepare("cc359", both, tmp_path / "both").exit_code == 0
     ss = np.asanyarray(nib.load(both / "CC359" / "Silver-standard" / f"{STEMS[0]}_ss.nii.gz").dataobj)
     np.testing.assert_array_equal(written_label(tmp_path / "both", "CC0001"), ss)
 
@@ -140,8 +129,4 @@ def test_corrupted_download_fails_with_one_line(build: Callable[..., Path], tmp_
                                                 corrupt: Callable[[Path], str]) -> None:
     download = build()
     expected = corrupt(download)
-    result = prepare(download, tmp_path / "cc359")
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.stderr
-    assert "Traceback" not in result.output
+    assert_one_line_error(prepare("cc359", download, tmp_path / "cc359"), expected)

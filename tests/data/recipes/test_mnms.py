@@ -10,11 +10,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from recipe_checks import (
+    assert_check_passes,
+    assert_manifest_matches,
+    assert_one_line_error,
+    assert_prepared,
+    assert_rerun_skips,
+    prepare,
+    read_sites,
+)
 
-from medtta.cli.main import main
 from medtta.data.datasets import open_dataset
-from medtta.data.layout import sha256
 from medtta.protocol import list_protocols
 
 SPACING = (1.25, 1.25, 10.0)
@@ -62,10 +68,6 @@ def download(tmp_path: Path, write_nifti: Callable[..., Path]) -> Path:
     return tmp_path / "download"
 
 
-def prepare(download: Path, out: Path) -> Result:
-    return CliRunner().invoke(main, ["data", "prepare", "mnms", "--from", str(download), "--to", str(out), "-q"])
-
-
 def source_file(download: Path, code: str, gt: bool) -> Path:
     partition = SUBJECTS[code][0]
     folder = download / "OpenDataset" / partition / code
@@ -76,13 +78,9 @@ def source_file(download: Path, code: str, gt: bool) -> Path:
 
 def test_prepare_converts_official_layout(download: Path, tmp_path: Path) -> None:
     out = tmp_path / "data" / "mnms"  # $MEDTTA_DATA/mnms: where the protocol looks
-    result = prepare(download, out)
-    assert result.exit_code == 0, result.output
-    assert "mnms: 10 cases" in result.stdout and "(10 written, 0 already there)" in result.stdout
+    assert_prepared(prepare("mnms", download, out), "mnms", 10)
 
-    with (out / "sites.csv").open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert [(r["case_id"], r["site"], r["split"]) for r in rows] == EXPECTED
+    assert read_sites(out) == [["case_id", "site", "split"], *map(list, EXPECTED)]
 
     for case_id, _, _ in EXPECTED:
         code, phase = case_id.split("_")
@@ -96,21 +94,13 @@ def test_prepare_converts_official_layout(download: Path, tmp_path: Path) -> Non
         assert image.header.get_zooms() == SPACING and label.header.get_zooms() == SPACING
         np.testing.assert_allclose(image.affine, np.diag([*SPACING, 1.0]))
 
-    with (out / "manifest.csv").open(newline="") as fh:
-        manifest = list(csv.DictReader(fh))
-    assert sorted(r["case_id"] for r in manifest) == sorted(c for c, _, _ in EXPECTED)
-    for row in manifest:
-        assert sha256(out / row["image"]) == row["image_sha256"]
-        assert sha256(out / row["label"]) == row["label_sha256"]
-
-    check = CliRunner().invoke(main, ["data", "check", str(out), "-q"])
-    assert check.exit_code == 0, check.output
+    assert_manifest_matches(out, [c for c, _, _ in EXPECTED], ordered=False)
+    assert_check_passes(out)
 
     dataset = open_dataset(list_protocols()["mnms"])  # every protocol site is there; the recipe's splits are kept
     assert [(c.case_id, c.site, c.split) for c in dataset.cases] == EXPECTED
 
-    again = prepare(download, out)
-    assert again.exit_code == 0 and "(0 written, 10 already there)" in again.stdout
+    assert_rerun_skips("mnms", download, out, 10)
 
 
 def test_older_release_layout(download: Path, tmp_path: Path) -> None:
@@ -122,10 +112,9 @@ def test_older_release_layout(download: Path, tmp_path: Path) -> None:
         writer = csv.writer(fh)
         writer.writerow(["External code", "Vendor", "Centre", "ED", "ES"])
         writer.writerows([code, letter, 1, ed, es] for code, (_, letter, _, ed, es) in SUBJECTS.items())
-    result = prepare(download, tmp_path / "mnms")
+    result = prepare("mnms", download, tmp_path / "mnms")
     assert result.exit_code == 0, result.output
-    with (tmp_path / "mnms" / "sites.csv").open(newline="") as fh:
-        assert [(r["case_id"], r["site"], r["split"]) for r in csv.DictReader(fh)] == EXPECTED
+    assert read_sites(tmp_path / "mnms") == [["case_id", "site", "split"], *map(list, EXPECTED)]
 
 
 def drop_label(download: Path) -> str:
@@ -166,8 +155,4 @@ def excel_table_only(download: Path) -> str:
                                      excel_table_only])
 def test_corrupted_download_fails_with_one_line(download: Path, tmp_path: Path, corrupt: Callable[[Path], str]) -> None:
     expected = corrupt(download)
-    result = prepare(download, tmp_path / "mnms")
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.stderr
-    assert "Traceback" not in result.output
+    assert_one_line_error(prepare("mnms", download, tmp_path / "mnms"), expected)

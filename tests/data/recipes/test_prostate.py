@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from recipe_checks import (
+    assert_check_passes,
+    assert_manifest_matches,
+    assert_one_line_error,
+    assert_prepared,
+    assert_rerun_skips,
+    prepare,
+    read_sites,
+)
 
-from medtta.cli.main import main
 from medtta.data.datasets import open_dataset
-from medtta.data.layout import sha256
 from medtta.protocol import list_protocols
 
 SPACING = (0.6, 0.6, 3.0)
@@ -53,20 +58,12 @@ def download(tmp_path: Path, write_nifti: Callable[..., Path]) -> Path:
     return tmp_path / "download"
 
 
-def prepare(download: Path, out: Path) -> Result:
-    return CliRunner().invoke(main, ["data", "prepare", "prostate", "--from", str(download), "--to", str(out), "-q"])
-
-
 def test_prepare_converts_official_layout(download: Path, tmp_path: Path) -> None:
     out = tmp_path / "data" / "prostate"  # $MEDTTA_DATA/prostate: where the protocol looks
-    result = prepare(download, out)
-    assert result.exit_code == 0, result.output
-    assert "prostate: 7 cases" in result.stdout and "(7 written, 0 already there)" in result.stdout
+    assert_prepared(prepare("prostate", download, out), "prostate", 7)
 
-    with (out / "sites.csv").open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert reader.fieldnames == ["case_id", "site"]  # no official split: the protocol's seeded rule decides
-        assert [(r["case_id"], r["site"]) for r in reader] == EXPECTED
+    # header case_id,site: no official split, the protocol's seeded rule decides
+    assert read_sites(out) == [["case_id", "site"], *map(list, EXPECTED)]
 
     for (case_id, _), (folder, image_name, label_name, _) in zip(EXPECTED, CASES, strict=True):
         source = download / "Processed_data_nii" / folder
@@ -80,22 +77,14 @@ def test_prepare_converts_official_layout(download: Path, tmp_path: Path) -> Non
             np.testing.assert_allclose(np.sqrt((written.affine[:3, :3] ** 2).sum(0)), SPACING, atol=1e-6)
     assert set(np.unique(nib.load(out / "labelsTr" / "BMC_Case00.nii.gz").dataobj)) == {0, 1}
 
-    with (out / "manifest.csv").open(newline="") as fh:
-        manifest = list(csv.DictReader(fh))
-    assert [r["case_id"] for r in manifest] == [c for c, _ in EXPECTED]
-    for row in manifest:
-        assert sha256(out / row["image"]) == row["image_sha256"]
-        assert sha256(out / row["label"]) == row["label_sha256"]
-
-    check = CliRunner().invoke(main, ["data", "check", str(out), "-q"])
-    assert check.exit_code == 0, check.output
+    assert_manifest_matches(out, [c for c, _ in EXPECTED])
+    assert_check_passes(out)
 
     dataset = open_dataset(list_protocols()["prostate"])  # every protocol site is there; RUNMC gets split
     assert sorted(c.split for c in dataset.cases_of("RUNMC")) == ["test", "val"]
     assert {c.split for c in dataset.cases if c.site != "RUNMC"} == {"test"}
 
-    again = prepare(download, out)
-    assert again.exit_code == 0 and "(0 written, 7 already there)" in again.stdout
+    assert_rerun_skips("prostate", download, out, 7)
 
 
 def drop_label(download: Path) -> str:
@@ -126,8 +115,4 @@ def no_site_folders(download: Path) -> str:
 @pytest.mark.parametrize("corrupt", [drop_label, truncate_image, foreign_label_value, no_site_folders])
 def test_corrupted_download_fails_with_one_line(download: Path, tmp_path: Path, corrupt: Callable[[Path], str]) -> None:
     expected = corrupt(download)
-    result = prepare(download, tmp_path / "prostate")
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.stderr
-    assert "Traceback" not in result.output
+    assert_one_line_error(prepare("prostate", download, tmp_path / "prostate"), expected)

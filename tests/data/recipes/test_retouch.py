@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from click.testing import CliRunner
+from recipe_checks import (
+    assert_check_passes,
+    assert_manifest_matches,
+    assert_one_line_error,
+    assert_prepared,
+    assert_rerun_skips,
+    prepare,
+    read_sites,
+)
 
-from medtta.cli.main import main
-from medtta.data.layout import sha256
 from medtta.data.recipes.retouch import RetouchRecipe
 from medtta.protocol import list_protocols
 
@@ -46,30 +51,13 @@ def download(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return root, references
 
 
-def prepare(download: Path, out: Path):
-    return CliRunner().invoke(main, ["data", "prepare", "retouch", "--from", str(download), "--to", str(out), "-q"])
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_prepare_end_to_end(download, tmp_path: Path) -> None:
     root, references = download
     out = tmp_path / "retouch"
-    result = prepare(root, out)
-    assert result.exit_code == 0, result.output
-    assert "4 cases" in result.output and "(4 written, 0 already there)" in result.output
+    assert_prepared(prepare("retouch", root, out), "retouch", 4)
 
-    with (out / "sites.csv").open(newline="") as fh:
-        rows = list(csv.reader(fh))
-    assert rows == [["case_id", "site"], ["TRAIN001", "Cirrus"], ["TRAIN002", "Cirrus"],
-                    ["TRAIN025", "Spectralis"], ["TRAIN049", "Topcon"]]
+    assert read_sites(out) == [["case_id", "site"], ["TRAIN001", "Cirrus"], ["TRAIN002", "Cirrus"],
+                               ["TRAIN025", "Spectralis"], ["TRAIN049", "Topcon"]]
     assert not (out / "imagesTr" / "TEST001_0000.nii.gz").exists()
 
     for cid, reference in references.items():
@@ -81,17 +69,10 @@ def test_prepare_end_to_end(download, tmp_path: Path) -> None:
         assert image.header.get_zooms() == pytest.approx(SPACING)
         assert np.allclose(image.affine, label.affine)
 
-    with (out / "manifest.csv").open(newline="") as fh:
-        manifest = list(csv.DictReader(fh))
-    assert [r["case_id"] for r in manifest] == ["TRAIN001", "TRAIN002", "TRAIN025", "TRAIN049"]
-    for row in manifest:
-        assert row["image_sha256"] == sha256(out / row["image"]) and row["label_sha256"] == sha256(out / row["label"])
+    assert_manifest_matches(out, ["TRAIN001", "TRAIN002", "TRAIN025", "TRAIN049"])
+    assert_check_passes(out)
 
-    check = CliRunner().invoke(main, ["data", "check", str(out), "-q"])
-    assert check.exit_code == 0 and "OK" in check.output, check.output
-
-    again = prepare(root, out)
-    assert again.exit_code == 0 and "(0 written, 4 already there)" in again.output
+    assert_rerun_skips("retouch", root, out, 4)
 
 
 def test_nested_archive_folders_are_found(download, tmp_path: Path) -> None:
@@ -100,21 +81,21 @@ def test_nested_archive_folders_are_found(download, tmp_path: Path) -> None:
     outer = root / "unpacked" / "RETOUCH-TrainingSet-Spectralis"
     outer.mkdir(parents=True)
     (root / "RETOUCH-TrainingSet-Spectralis").rename(outer / "RETOUCH-TrainingSet-Spectralis")
-    result = prepare(root, tmp_path / "out")
+    result = prepare("retouch", root, tmp_path / "out")
     assert result.exit_code == 0 and "4 cases" in result.output, result.output
 
 
 def test_missing_reference(download, tmp_path: Path) -> None:
     root, _ = download
     (root / "RETOUCH-TrainingSet-Topcon" / "TRAIN049" / "reference.mhd").unlink()
-    assert_one_line_error(prepare(root, tmp_path / "out"), "TRAIN049/reference.mhd", "missing")
+    assert_one_line_error(prepare("retouch", root, tmp_path / "out"), "TRAIN049/reference.mhd", "missing")
 
 
 def test_truncated_raw_file(download, tmp_path: Path) -> None:
     root, _ = download
     raw = root / "RETOUCH-TrainingSet-Cirrus" / "TRAIN002" / "oct.raw"
     raw.write_bytes(raw.read_bytes()[: raw.stat().st_size // 2])
-    assert_one_line_error(prepare(root, tmp_path / "out"), str(raw), "truncated")
+    assert_one_line_error(prepare("retouch", root, tmp_path / "out"), str(raw), "truncated")
 
 
 def test_unknown_label_value(download, tmp_path: Path) -> None:
@@ -122,12 +103,13 @@ def test_unknown_label_value(download, tmp_path: Path) -> None:
     bad = references["TRAIN025"].copy()
     bad[0, 0, 0] = 7
     write_mhd(root / "RETOUCH-TrainingSet-Spectralis" / "TRAIN025" / "reference.mhd", bad)
-    assert_one_line_error(prepare(root, tmp_path / "out"), "TRAIN025/reference.mhd", "label value 7")
+    assert_one_line_error(prepare("retouch", root, tmp_path / "out"), "TRAIN025/reference.mhd", "label value 7")
 
 
 def test_no_training_set(tmp_path: Path) -> None:
     (tmp_path / "download" / "RETOUCH-TestSet-Cirrus" / "TEST001").mkdir(parents=True)
-    assert_one_line_error(prepare(tmp_path / "download", tmp_path / "out"), "RETOUCH-TrainingSet-", "RETOUCH-TestSet")
+    assert_one_line_error(prepare("retouch", tmp_path / "download", tmp_path / "out"), "RETOUCH-TrainingSet-",
+                          "RETOUCH-TestSet")
 
 
 def test_protocol_matches_the_recipe() -> None:
