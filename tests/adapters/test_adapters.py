@@ -35,7 +35,8 @@ def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) ->
 
 
 def _bn_affine_keys(model: nn.Module) -> set[str]:
-    return {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) for p in ("weight", "bias")}
+    layers = [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    return {f"{name}.{p}" for name in layers for p in ("weight", "bias")}
 
 
 def test_tent_updates_exactly_the_batchnorm_affine_parameters(model: nn.Module, batch: torch.Tensor) -> None:
