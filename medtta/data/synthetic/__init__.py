@@ -8,10 +8,10 @@ from pathlib import Path
 from types import ModuleType
 
 from medtta.data.layout import append_manifest, manifest_row, read_sites_csv
-from medtta.data.synthetic import cardiac
+from medtta.data.synthetic import abdomen, cardiac, retina
 from medtta.errors import ProtocolError
 
-GENERATORS: dict[str, ModuleType] = {"cardiac-cine": cardiac}
+GENERATORS: dict[str, ModuleType] = {"cardiac-cine": cardiac, "abdomen-ct": abdomen, "retina-oct": retina}
 _STAMP = "generator.json"
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from medtta.data.layout import write_case, write_metadata
+from medtta.data.synthetic.phantoms import write_phantoms
 
 VERSION = 1
 LABELS = {"background": 0, "LV": 1, "MYO": 2, "RV": 3}
@@ -113,26 +113,17 @@ def render(anatomy: dict[str, float], site: dict[str, float],
     return image, label
 
 
+CASES = {"A": 48, "B": 12, "C": 12, "D": 12}
+SPLITS = {"A": [32, 8]}
+
+
+def render_case(site: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """One new subject at `site`: image, label and spacing."""
+    image, label = render(_subject(rng), SITES[site], rng)
+    return image, label, (SITES[site]["pixel"], SITES[site]["pixel"], SLICE_MM)
+
+
 def generate(root: Path, seed: int = 0, cases: dict[str, int] | None = None,
              splits: dict[str, list[int]] | None = None) -> None:
-    """Write the phantom dataset into `root`.
-
-    Args:
-        root: output folder (dataset layout).
-        seed: fixes every subject's anatomy and every site's noise.
-        cases: number of subjects per site (default 48 at A, 12 at B, C and D).
-        splits: per site, [train, val] counts; the remaining cases are test cases (default A: [32, 8]).
-    """
-    cases = cases or {"A": 48, "B": 12, "C": 12, "D": 12}
-    splits = splits or {"A": [32, 8]}
-    rows = []
-    for site_index, (site, count) in enumerate(cases.items()):
-        rng = np.random.default_rng([seed, site_index])
-        n_train, n_val = splits.get(site, [0, 0])
-        for i in range(count):
-            case_id = f"{site}{i:03d}"
-            image, label = render(_subject(rng), SITES[site], rng)
-            write_case(root, case_id, image, label, (SITES[site]["pixel"], SITES[site]["pixel"], SLICE_MM))
-            split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
-            rows.append((case_id, site, split))
-    write_metadata(root, "synth-mri", LABELS, "cine-MRI", rows)
+    """Write the dataset into `root` (default: `CASES` subjects per site, `SPLITS` [train, val] counts)."""
+    write_phantoms(root, "synth-mri", LABELS, "cine-MRI", seed, cases or CASES, splits or SPLITS, render_case)
