@@ -198,14 +198,14 @@ class Engine:
         return RunResult(p, c, self.setting, in_domain, sites, run_id, uri, out_dir)
 
     def _in_domain_dice(self, model: torch.nn.Module, cases: list[Case]) -> float:
-        scores = []
-        for case in tqdm(cases, desc=f"in-domain Dice on site {self.protocol.source_site}", unit="volume",
+        p, scores = self.protocol, []
+        for case in tqdm(cases, desc=f"in-domain Dice on site {p.source_site}", unit="volume",
                          disable=not self.config.progress, leave=False):
-            volume = load_volume(case, self.protocol.labels)
-            logits = predict_unadapted(model, image_slices(volume, self.protocol.preprocessing).to(self.device),
+            volume = load_volume(case, p.labels)
+            logits = predict_unadapted(model, image_slices(volume, p.preprocessing).to(self.device),
                                        self.config.batch_size)
-            scores.append(volume_dice(to_native(logits, volume.label.shape), torch.as_tensor(volume.label),
-                                      self.protocol.labels)["dice"])
+            scores.append(volume_dice(to_native(logits, volume, p.preprocessing), torch.as_tensor(volume.label),
+                                      p.labels)["dice"])
         return mean(scores)
 
     def _evaluate_case(self, case: Case, site: str, model: torch.nn.Module, adapter: Adapter) -> dict[str, Any]:
@@ -216,8 +216,8 @@ class Engine:
         logits, seconds = _timed(lambda: adapt_and_predict(adapter, x, self.setting, self.steps, c.batch_size),
                                  self.device)
         reference = torch.as_tensor(volume.label)
-        pred = to_native(logits, volume.label.shape)
-        source_dice = volume_dice(to_native(source_logits, volume.label.shape), reference, p.labels)["dice"]
+        pred = to_native(logits, volume, p.preprocessing)
+        source_dice = volume_dice(to_native(source_logits, volume, p.preprocessing), reference, p.labels)["dice"]
         return {"case_id": case.case_id, "site": site, "dice_source": source_dice,
                 **volume_metrics(pred, reference, p.labels, volume.spacing),
                 "collapsed": collapsed(pred, reference), "seconds": seconds, "seconds_source": source_seconds}

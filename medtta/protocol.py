@@ -25,9 +25,11 @@ def protocols_dir() -> Path:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a volume becomes network input: in-plane `size` per slice and intensity normalization."""
+    """How a volume becomes network input: intensity normalization, then each slice resized to `size`, or
+    resampled to the in-plane `spacing` (mm) and centre-padded/cropped to `size` when a spacing is given."""
 
     size: tuple[int, int] = (128, 128)
+    spacing: tuple[float, float] | None = None
     intensity: str = "mr"  # mr: percentile clip + z-score; ct: HU window; oct: percentile min-max
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     window: tuple[float, float] = (-160.0, 240.0)

@@ -145,7 +145,8 @@ def data() -> None:
 def data_prepare(name: str, download: Path, out: Path | None, sites: Path | None, quiet: bool) -> None:
     """Convert dataset NAME from its official download layout into the medtta layout.
 
-    Writes dataset.json, sites.csv, imagesTr/, labelsTr/ and a manifest.csv with the sha256 of every
+    NAME is a recipe: mnms, prostate, cc359, retouch, amos, or nnunet (any nnU-Net raw dataset plus a
+    --sites CSV). Writes dataset.json, sites.csv, imagesTr/, labelsTr/ and a manifest.csv with the sha256 of every
     file. Re-running skips the cases already converted.
     """
     from medtta.data.recipes import get_recipe, prepare

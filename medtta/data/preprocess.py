@@ -1,11 +1,20 @@
-"""Volume -> network input and back: intensity normalization per modality and per-slice resizing (MONAI)."""
+"""Volume -> network input and back: intensity normalization per modality, then per slice either a resize to
+the protocol's `size` or, when the protocol fixes a `spacing`, resampling to that spacing and a centred
+pad/crop to `size` (MONAI transforms)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import Compose, NormalizeIntensity, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles
+from monai.transforms import (
+    Compose,
+    NormalizeIntensity,
+    Resize,
+    ResizeWithPadOrCrop,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+)
 from monai.utils import convert_to_tensor
 
 from medtta.data.layout import Volume
@@ -31,23 +40,42 @@ def _as_slices(array: np.ndarray) -> np.ndarray:
     return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
 
 
+def resampled_shape(volume: Volume, prep: Preprocessing) -> tuple[int, int]:
+    """In-plane shape of a slice at the protocol's spacing; `size` itself when the protocol fixes none."""
+    if prep.spacing is None:
+        return tuple(prep.size)
+    shape, spacing = volume.image.shape[:2], volume.spacing[:2]
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, prep.spacing, strict=True))
+
+
+def _fit(slices: torch.Tensor, volume: Volume, prep: Preprocessing, mode: str) -> torch.Tensor:
+    """(slices, X, Y) -> (slices, H, W): resampled, then centred-padded/cropped to `size` if needed."""
+    out = Resize(resampled_shape(volume, prep), mode=mode, **({"anti_aliasing": True} if mode != "nearest" else {})
+                 )(slices)
+    if prep.spacing is not None:
+        out = ResizeWithPadOrCrop(prep.size)(out)
+    return convert_to_tensor(out, track_meta=False)
+
+
 def image_slices(volume: Volume, prep: Preprocessing) -> torch.Tensor:
-    """Normalized, resized slices of a volume as a (slices, 1, H, W) float tensor."""
-    slices = _as_slices(volume.image)
-    normalized = intensity_transform(prep)(slices[None])[0]
-    resized = Resize(prep.size, mode="bilinear", anti_aliasing=True)(torch.as_tensor(normalized))
-    return convert_to_tensor(resized, dtype=torch.float32, track_meta=False).unsqueeze(1).contiguous()
+    """Normalized slices of a volume at network size, as a (slices, 1, H, W) float tensor."""
+    normalized = intensity_transform(prep)(_as_slices(volume.image)[None])[0]
+    return _fit(torch.as_tensor(normalized), volume, prep, "bilinear").float().unsqueeze(1).contiguous()
 
 
 def label_slices(volume: Volume, prep: Preprocessing) -> torch.Tensor:
-    """Labels resized like `image_slices` (nearest neighbour), as a (slices, H, W) long tensor."""
-    resized = Resize(prep.size, mode="nearest")(torch.as_tensor(_as_slices(volume.label)))
-    return convert_to_tensor(resized, dtype=torch.long, track_meta=False)
+    """Labels brought to network size like `image_slices` (nearest neighbour), as a (slices, H, W) long tensor."""
+    return _fit(torch.as_tensor(_as_slices(volume.label)), volume, prep, "nearest").long()
 
 
-def to_native(logits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Network logits (slices, C, H, W) -> label map in the volume's own shape, on the CPU."""
-    in_plane = shape[:2]
-    resized = F.interpolate(logits.float(), size=in_plane, mode="bilinear", align_corners=False)
+def to_native(logits: torch.Tensor, volume: Volume, prep: Preprocessing) -> torch.Tensor:
+    """Network logits (slices, C, H, W) -> label map in the volume's own shape, on the CPU. With a protocol
+    spacing the pad/crop is undone first; what was cropped away is background (all-zero logits)."""
+    n_slices, n_classes = logits.shape[:2]
+    if prep.spacing is not None:
+        flat = logits.float().reshape(n_slices * n_classes, *logits.shape[2:])
+        flat = convert_to_tensor(ResizeWithPadOrCrop(resampled_shape(volume, prep))(flat), track_meta=False)
+        logits = flat.reshape(n_slices, n_classes, *flat.shape[1:])
+    resized = F.interpolate(logits.float(), size=volume.label.shape[:2], mode="bilinear", align_corners=False)
     labels = resized.argmax(1).cpu()  # (slices, X, Y)
-    return labels[0] if len(shape) == 2 else labels.permute(1, 2, 0)
+    return labels[0] if volume.label.ndim == 2 else labels.permute(1, 2, 0)

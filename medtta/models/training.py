@@ -44,11 +44,11 @@ def load_checkpoint(path: Path, architecture: str, n_classes: int) -> nn.Module:
 
 
 @torch.no_grad()
-def _validation_dice(model: nn.Module, val: list[tuple[torch.Tensor, Volume]], labels: dict[str, int],
+def _validation_dice(model: nn.Module, val: list[tuple[torch.Tensor, Volume]], protocol: Protocol,
                      device: torch.device) -> float:
     """Mean volume Dice at the volumes' own resolution, as the engine measures it."""
-    scores = [volume_dice(to_native(model(x.to(device)), v.label.shape), torch.as_tensor(v.label), labels)["dice"]
-              for x, v in val]
+    scores = [volume_dice(to_native(model(x.to(device)), v, protocol.preprocessing), torch.as_tensor(v.label),
+                          protocol.labels)["dice"] for x, v in val]
     return mean(scores)
 
 
@@ -81,7 +81,7 @@ def train_source_model(
             loss.backward()
             optimizer.step()
         model.eval()
-        val_dice = _validation_dice(model, val_inputs, protocol.labels, device)
+        val_dice = _validation_dice(model, val_inputs, protocol, device)
         if val_dice > best["val_dice"]:
             best = {"val_dice": val_dice, "epoch": epoch}
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
