@@ -2,6 +2,7 @@
 unadapted inference, measured in one run on the same volumes. Prints figures; asserts nothing.
 
     python benchmarks/walking_skeleton.py [--dataset synth-mri] [--methods bn-stats tent]
+                                          [--settings episodic continual]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="synth-mri")
     parser.add_argument("--methods", nargs="+", default=["bn-stats", "tent"])
+    parser.add_argument("--settings", nargs="+", default=["episodic", "continual"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MEDTTA_DATA": f"{tmp}/data", "MEDTTA_RESULTS": f"{tmp}/results"}
@@ -42,14 +44,16 @@ def main() -> None:
         protocol = resolve_protocol(args.dataset)
         rows = []
         for method in args.methods:
-            result = run(protocol, RunConfig(method=method, results=Path(env["MEDTTA_RESULTS"]), progress=False))
-            cases = [r for site in result.sites for r in site.rows]
-            ratio = sum(r["seconds"] for r in cases) / sum(r["seconds_source"] for r in cases)
-            for site in result.sites:
-                s = site.summary
-                rows.append([method, site.site, f"{s['dice_source']:.3f}", f"{s['dice']:.3f}",
-                             f"{result.dice_in_domain:.3f}", f"{s['dice_recovery']:.3f}", f"{ratio:.2f}x"])
-        print(format_table(["method", "site", "dice_source", "dice_adapted", "dice_in_domain", "recovery",
+            for setting in args.settings:
+                config = RunConfig(method=method, setting=setting, results=Path(env["MEDTTA_RESULTS"]), progress=False)
+                result = run(protocol, config)
+                cases = [r for site in result.sites for r in site.rows]
+                ratio = sum(r["seconds"] for r in cases) / sum(r["seconds_source"] for r in cases)
+                for site in result.sites:
+                    s = site.summary
+                    rows.append([method, setting, site.site, f"{s['dice_source']:.3f}", f"{s['dice']:.3f}",
+                                 f"{result.dice_in_domain:.3f}", f"{s['dice_recovery']:.3f}", f"{ratio:.2f}x"])
+        print(format_table(["method", "setting", "site", "dice_source", "dice_adapted", "dice_in_domain", "recovery",
                             "cost vs unadapted"], rows))
 
 

@@ -125,7 +125,7 @@ class CaseLog:
     def add(self, row: dict[str, Any]) -> None:
         with self.path.open("a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(row))
-            if not self.rows and fh.tell() == 0:
+            if fh.tell() == 0:
                 writer.writeheader()
             writer.writerow(row)
         self.rows.append(row)
@@ -156,7 +156,7 @@ class Engine:
                 "seed": c.seed, "device": self.device.type, "source_site": p.source_site,
                 "target_sites": ",".join(p.target_sites), "architecture": self.adapter_cls.architecture,
                 "train_epochs": p.training.epochs, "train_lr": p.training.lr,
-                "input_size": "x".join(map(str, p.preprocessing.size)),
+                "input_size": "x".join(map(str, p.preprocessing.size)), "input_spacing": p.preprocessing.spacing,
                 **{f"hp.{k}": v for k, v in hparams.items()}}
 
     def tags(self) -> dict[str, Any]:

@@ -9,15 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from recipe_checks import (
-    assert_check_passes,
-    assert_manifest_matches,
-    assert_one_line_error,
-    assert_prepared,
-    assert_rerun_skips,
-    prepare,
-    read_sites,
-)
+import recipe_checks as checks
 
 from medtta.data.recipes.amos import AmosRecipe
 from medtta.protocol import list_protocols
@@ -79,9 +71,9 @@ def download(tmp_path: Path, write_nifti) -> tuple[Path, dict[str, np.ndarray]]:
 def test_prepare_end_to_end(download, tmp_path: Path) -> None:
     root, labels = download
     out = tmp_path / "amos"
-    assert_prepared(prepare("amos", root, out), "amos", 7)
+    checks.assert_prepared(checks.prepare("amos", root, out), "amos", 7)
 
-    assert read_sites(out) == EXPECTED_SITES
+    assert checks.read_sites(out) == EXPECTED_SITES
     assert not (out / "imagesTr" / "amos_0003_0000.nii.gz").exists()  # Ts without a label
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["labels"] == AmosRecipe.labels and len(meta["labels"]) == 16
@@ -93,36 +85,37 @@ def test_prepare_end_to_end(download, tmp_path: Path) -> None:
         spacing = CT_SPACING if int(cid[5:]) <= 500 else MR_SPACING
         assert image.header.get_zooms() == pytest.approx(spacing) and np.allclose(image.affine, label.affine)
 
-    manifest = assert_manifest_matches(out, [row[0] for row in EXPECTED_SITES[1:]])
+    manifest = checks.assert_manifest_matches(out, [row[0] for row in EXPECTED_SITES[1:]])
     assert [r["split"] for r in manifest] == [row[2] for row in EXPECTED_SITES[1:]]
-    assert_check_passes(out)
+    checks.assert_check_passes(out)
 
-    assert_rerun_skips("amos", root, out, 7)
+    checks.assert_rerun_skips("amos", root, out, 7)
 
 
 def test_dataset_folder_given_directly_and_metadata_by_option(download, tmp_path: Path) -> None:
     """`--from amos22/` finds the CSV one level up; a CSV kept elsewhere is given with --sites."""
     root, _ = download
-    assert prepare("amos", root / "amos22", tmp_path / "a").exit_code == 0
+    assert checks.prepare("amos", root / "amos22", tmp_path / "a").exit_code == 0
     elsewhere = tmp_path / "meta.csv"
     (root / "labeled_data_meta_0000_0599.csv").rename(elsewhere)
-    assert_one_line_error(prepare("amos", root, tmp_path / "b"), "labeled_data_meta_0000_0599.csv", "--sites")
-    result = prepare("amos", root, tmp_path / "b", "--sites", str(elsewhere))
+    result = checks.prepare("amos", root, tmp_path / "b")
+    checks.assert_one_line_error(result, "labeled_data_meta_0000_0599.csv", "--sites")
+    result = checks.prepare("amos", root, tmp_path / "b", "--sites", str(elsewhere))
     assert result.exit_code == 0, result.output
-    assert read_sites(tmp_path / "b") == EXPECTED_SITES
+    assert checks.read_sites(tmp_path / "b") == EXPECTED_SITES
 
 
 def test_missing_label(download, tmp_path: Path) -> None:
     root, _ = download
     (root / "amos22" / "labelsVa" / "amos_0052.nii.gz").unlink()
-    assert_one_line_error(prepare("amos", root, tmp_path / "out"), "labelsVa/amos_0052.nii.gz", "missing")
+    checks.assert_one_line_error(checks.prepare("amos", root, tmp_path / "out"), "labelsVa/amos_0052.nii.gz", "missing")
 
 
 def test_missing_metadata_row(download, tmp_path: Path) -> None:
     root, _ = download
     write_meta(root / "labeled_data_meta_0000_0599.csv", [r for r in META if r[0] != 235])
-    assert_one_line_error(prepare("amos", root, tmp_path / "out"), "labeled_data_meta_0000_0599.csv",
-                          "no row for amos_id 235")
+    result = checks.prepare("amos", root, tmp_path / "out")
+    checks.assert_one_line_error(result, "labeled_data_meta_0000_0599.csv", "no row for amos_id 235")
 
 
 def test_wrong_metadata_row(download, tmp_path: Path) -> None:
@@ -130,22 +123,23 @@ def test_wrong_metadata_row(download, tmp_path: Path) -> None:
     root, _ = download
     rows = [(541, "Optima CT660", "GE MEDICAL SYSTEMS", "people") if r[0] == 541 else r for r in META]
     write_meta(root / "labeled_data_meta_0000_0599.csv", rows)
-    assert_one_line_error(prepare("amos", root, tmp_path / "out"), "labeled_data_meta_0000_0599.csv", "Optima CT660",
-                          "amos_0541, MR by its id")
+    result = checks.prepare("amos", root, tmp_path / "out")
+    checks.assert_one_line_error(result, "labeled_data_meta_0000_0599.csv", "Optima CT660",
+                                 "amos_0541, MR by its id")
 
 
 def test_metadata_without_scanner_columns(download, tmp_path: Path) -> None:
     root, _ = download
     write_meta(root / "labeled_data_meta_0000_0599.csv", META, [*HEADER[:4], "Model", "Vendor", *HEADER[6:]])
-    assert_one_line_error(prepare("amos", root, tmp_path / "out"), "labeled_data_meta_0000_0599.csv",
-                          "no 'manufacturer'")
+    result = checks.prepare("amos", root, tmp_path / "out")
+    checks.assert_one_line_error(result, "labeled_data_meta_0000_0599.csv", "no 'manufacturer'")
 
 
 def test_truncated_image(download, tmp_path: Path) -> None:
     root, _ = download
     image = root / "amos22" / "imagesTr" / "amos_0235.nii.gz"
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
-    assert_one_line_error(prepare("amos", root, tmp_path / "out"), str(image), "cannot be read")
+    checks.assert_one_line_error(checks.prepare("amos", root, tmp_path / "out"), str(image), "cannot be read")
 
 
 def test_protocols_match_the_recipes() -> None:

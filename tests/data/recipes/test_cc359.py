@@ -8,15 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from recipe_checks import (
-    assert_check_passes,
-    assert_manifest_matches,
-    assert_one_line_error,
-    assert_prepared,
-    assert_rerun_skips,
-    prepare,
-    read_sites,
-)
+import recipe_checks as checks
 
 from medtta.data.datasets import open_dataset
 from medtta.protocol import list_protocols
@@ -64,10 +56,10 @@ def written_label(out: Path, case_id: str) -> np.ndarray:
 def test_prepare_converts_official_layout(build: Callable[..., Path], tmp_path: Path) -> None:
     download = build()
     out = tmp_path / "data" / "cc359"  # $MEDTTA_DATA/cc359: where the protocol looks
-    assert_prepared(prepare("cc359", download, out), "cc359", 7)
+    checks.assert_prepared(checks.prepare("cc359", download, out), "cc359", 7)
 
     # header case_id,site: no official split, the protocol's seeded rule decides
-    assert read_sites(out) == [["case_id", "site"], *map(list, EXPECTED)]
+    assert checks.read_sites(out) == [["case_id", "site"], *map(list, EXPECTED)]
 
     for (case_id, _), stem in zip(EXPECTED, STEMS, strict=True):
         image = nib.load(out / "imagesTr" / f"{case_id}_0000.nii.gz")
@@ -78,24 +70,24 @@ def test_prepare_converts_official_layout(build: Callable[..., Path], tmp_path: 
         assert image.header.get_zooms() == SPACING
         np.testing.assert_allclose(image.affine, source.affine)
 
-    assert_manifest_matches(out, [c for c, _ in EXPECTED])
-    assert_check_passes(out)
+    checks.assert_manifest_matches(out, [c for c, _ in EXPECTED])
+    checks.assert_check_passes(out)
 
     dataset = open_dataset(list_protocols()["cc359"])  # every protocol site is there; philips_3 gets split
     assert sorted(c.split for c in dataset.cases_of("philips_3")) == ["test", "val"]
 
-    assert_rerun_skips("cc359", download, out, 7)
+    checks.assert_rerun_skips("cc359", download, out, 7)
 
 
 def test_staple_masks_are_thresholded_and_ss_preferred(build: Callable[..., Path], tmp_path: Path) -> None:
     download = build(("staple",))
-    assert prepare("cc359", download, tmp_path / "staple").exit_code == 0
+    assert checks.prepare("cc359", download, tmp_path / "staple").exit_code == 0
     for (case_id, _), stem in zip(EXPECTED, STEMS, strict=True):
         staple = np.asanyarray(nib.load(download / "CC359" / "STAPLE" / f"{stem}_staple.nii.gz").dataobj)
         np.testing.assert_array_equal(written_label(tmp_path / "staple", case_id), (staple > 0.5).astype(np.uint8))
 
     both = build(("ss", "staple"))
-    assert prepare("cc359", both, tmp_path / "both").exit_code == 0
+    assert checks.prepare("cc359", both, tmp_path / "both").exit_code == 0
     ss = np.asanyarray(nib.load(both / "CC359" / "Silver-standard" / f"{STEMS[0]}_ss.nii.gz").dataobj)
     np.testing.assert_array_equal(written_label(tmp_path / "both", "CC0001"), ss)
 
@@ -129,4 +121,4 @@ def test_corrupted_download_fails_with_one_line(build: Callable[..., Path], tmp_
                                                 corrupt: Callable[[Path], str]) -> None:
     download = build()
     expected = corrupt(download)
-    assert_one_line_error(prepare("cc359", download, tmp_path / "cc359"), expected)
+    checks.assert_one_line_error(checks.prepare("cc359", download, tmp_path / "cc359"), expected)

@@ -10,15 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from recipe_checks import (
-    assert_check_passes,
-    assert_manifest_matches,
-    assert_one_line_error,
-    assert_prepared,
-    assert_rerun_skips,
-    prepare,
-    read_sites,
-)
+import recipe_checks as checks
 
 from medtta.data.datasets import open_dataset
 from medtta.protocol import list_protocols
@@ -78,9 +70,9 @@ def source_file(download: Path, code: str, gt: bool) -> Path:
 
 def test_prepare_converts_official_layout(download: Path, tmp_path: Path) -> None:
     out = tmp_path / "data" / "mnms"  # $MEDTTA_DATA/mnms: where the protocol looks
-    assert_prepared(prepare("mnms", download, out), "mnms", 10)
+    checks.assert_prepared(checks.prepare("mnms", download, out), "mnms", 10)
 
-    assert read_sites(out) == [["case_id", "site", "split"], *map(list, EXPECTED)]
+    assert checks.read_sites(out) == [["case_id", "site", "split"], *map(list, EXPECTED)]
 
     for case_id, _, _ in EXPECTED:
         code, phase = case_id.split("_")
@@ -94,13 +86,13 @@ def test_prepare_converts_official_layout(download: Path, tmp_path: Path) -> Non
         assert image.header.get_zooms() == SPACING and label.header.get_zooms() == SPACING
         np.testing.assert_allclose(image.affine, np.diag([*SPACING, 1.0]))
 
-    assert_manifest_matches(out, [c for c, _, _ in EXPECTED], ordered=False)
-    assert_check_passes(out)
+    checks.assert_manifest_matches(out, [c for c, _, _ in EXPECTED], ordered=False)
+    checks.assert_check_passes(out)
 
     dataset = open_dataset(list_protocols()["mnms"])  # every protocol site is there; the recipe's splits are kept
     assert [(c.case_id, c.site, c.split) for c in dataset.cases] == EXPECTED
 
-    assert_rerun_skips("mnms", download, out, 10)
+    checks.assert_rerun_skips("mnms", download, out, 10)
 
 
 def test_older_release_layout(download: Path, tmp_path: Path) -> None:
@@ -112,9 +104,9 @@ def test_older_release_layout(download: Path, tmp_path: Path) -> None:
         writer = csv.writer(fh)
         writer.writerow(["External code", "Vendor", "Centre", "ED", "ES"])
         writer.writerows([code, letter, 1, ed, es] for code, (_, letter, _, ed, es) in SUBJECTS.items())
-    result = prepare("mnms", download, tmp_path / "mnms")
+    result = checks.prepare("mnms", download, tmp_path / "mnms")
     assert result.exit_code == 0, result.output
-    assert read_sites(tmp_path / "mnms") == [["case_id", "site", "split"], *map(list, EXPECTED)]
+    assert checks.read_sites(tmp_path / "mnms") == [["case_id", "site", "split"], *map(list, EXPECTED)]
 
 
 def drop_label(download: Path) -> str:
@@ -155,4 +147,4 @@ def excel_table_only(download: Path) -> str:
                                      excel_table_only])
 def test_corrupted_download_fails_with_one_line(download: Path, tmp_path: Path, corrupt: Callable[[Path], str]) -> None:
     expected = corrupt(download)
-    assert_one_line_error(prepare("mnms", download, tmp_path / "mnms"), expected)
+    checks.assert_one_line_error(checks.prepare("mnms", download, tmp_path / "mnms"), expected)

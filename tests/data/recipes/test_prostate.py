@@ -8,15 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from recipe_checks import (
-    assert_check_passes,
-    assert_manifest_matches,
-    assert_one_line_error,
-    assert_prepared,
-    assert_rerun_skips,
-    prepare,
-    read_sites,
-)
+import recipe_checks as checks
 
 from medtta.data.datasets import open_dataset
 from medtta.protocol import list_protocols
@@ -60,10 +52,10 @@ def download(tmp_path: Path, write_nifti: Callable[..., Path]) -> Path:
 
 def test_prepare_converts_official_layout(download: Path, tmp_path: Path) -> None:
     out = tmp_path / "data" / "prostate"  # $MEDTTA_DATA/prostate: where the protocol looks
-    assert_prepared(prepare("prostate", download, out), "prostate", 7)
+    checks.assert_prepared(checks.prepare("prostate", download, out), "prostate", 7)
 
     # header case_id,site: no official split, the protocol's seeded rule decides
-    assert read_sites(out) == [["case_id", "site"], *map(list, EXPECTED)]
+    assert checks.read_sites(out) == [["case_id", "site"], *map(list, EXPECTED)]
 
     for (case_id, _), (folder, image_name, label_name, _) in zip(EXPECTED, CASES, strict=True):
         source = download / "Processed_data_nii" / folder
@@ -77,14 +69,14 @@ def test_prepare_converts_official_layout(download: Path, tmp_path: Path) -> Non
             np.testing.assert_allclose(np.sqrt((written.affine[:3, :3] ** 2).sum(0)), SPACING, atol=1e-6)
     assert set(np.unique(nib.load(out / "labelsTr" / "BMC_Case00.nii.gz").dataobj)) == {0, 1}
 
-    assert_manifest_matches(out, [c for c, _ in EXPECTED])
-    assert_check_passes(out)
+    checks.assert_manifest_matches(out, [c for c, _ in EXPECTED])
+    checks.assert_check_passes(out)
 
     dataset = open_dataset(list_protocols()["prostate"])  # every protocol site is there; RUNMC gets split
     assert sorted(c.split for c in dataset.cases_of("RUNMC")) == ["test", "val"]
     assert {c.split for c in dataset.cases if c.site != "RUNMC"} == {"test"}
 
-    assert_rerun_skips("prostate", download, out, 7)
+    checks.assert_rerun_skips("prostate", download, out, 7)
 
 
 def drop_label(download: Path) -> str:
@@ -115,4 +107,4 @@ def no_site_folders(download: Path) -> str:
 @pytest.mark.parametrize("corrupt", [drop_label, truncate_image, foreign_label_value, no_site_folders])
 def test_corrupted_download_fails_with_one_line(download: Path, tmp_path: Path, corrupt: Callable[[Path], str]) -> None:
     expected = corrupt(download)
-    assert_one_line_error(prepare("prostate", download, tmp_path / "prostate"), expected)
+    checks.assert_one_line_error(checks.prepare("prostate", download, tmp_path / "prostate"), expected)

@@ -7,16 +7,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import recipe_checks as checks
 import SimpleITK as sitk
-from recipe_checks import (
-    assert_check_passes,
-    assert_manifest_matches,
-    assert_one_line_error,
-    assert_prepared,
-    assert_rerun_skips,
-    prepare,
-    read_sites,
-)
 
 from medtta.data.recipes.retouch import RetouchRecipe
 from medtta.protocol import list_protocols
@@ -54,10 +46,10 @@ def download(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 def test_prepare_end_to_end(download, tmp_path: Path) -> None:
     root, references = download
     out = tmp_path / "retouch"
-    assert_prepared(prepare("retouch", root, out), "retouch", 4)
+    checks.assert_prepared(checks.prepare("retouch", root, out), "retouch", 4)
 
-    assert read_sites(out) == [["case_id", "site"], ["TRAIN001", "Cirrus"], ["TRAIN002", "Cirrus"],
-                               ["TRAIN025", "Spectralis"], ["TRAIN049", "Topcon"]]
+    assert checks.read_sites(out) == [["case_id", "site"], ["TRAIN001", "Cirrus"], ["TRAIN002", "Cirrus"],
+                                      ["TRAIN025", "Spectralis"], ["TRAIN049", "Topcon"]]
     assert not (out / "imagesTr" / "TEST001_0000.nii.gz").exists()
 
     for cid, reference in references.items():
@@ -69,10 +61,10 @@ def test_prepare_end_to_end(download, tmp_path: Path) -> None:
         assert image.header.get_zooms() == pytest.approx(SPACING)
         assert np.allclose(image.affine, label.affine)
 
-    assert_manifest_matches(out, ["TRAIN001", "TRAIN002", "TRAIN025", "TRAIN049"])
-    assert_check_passes(out)
+    checks.assert_manifest_matches(out, ["TRAIN001", "TRAIN002", "TRAIN025", "TRAIN049"])
+    checks.assert_check_passes(out)
 
-    assert_rerun_skips("retouch", root, out, 4)
+    checks.assert_rerun_skips("retouch", root, out, 4)
 
 
 def test_nested_archive_folders_are_found(download, tmp_path: Path) -> None:
@@ -81,21 +73,21 @@ def test_nested_archive_folders_are_found(download, tmp_path: Path) -> None:
     outer = root / "unpacked" / "RETOUCH-TrainingSet-Spectralis"
     outer.mkdir(parents=True)
     (root / "RETOUCH-TrainingSet-Spectralis").rename(outer / "RETOUCH-TrainingSet-Spectralis")
-    result = prepare("retouch", root, tmp_path / "out")
+    result = checks.prepare("retouch", root, tmp_path / "out")
     assert result.exit_code == 0 and "4 cases" in result.output, result.output
 
 
 def test_missing_reference(download, tmp_path: Path) -> None:
     root, _ = download
     (root / "RETOUCH-TrainingSet-Topcon" / "TRAIN049" / "reference.mhd").unlink()
-    assert_one_line_error(prepare("retouch", root, tmp_path / "out"), "TRAIN049/reference.mhd", "missing")
+    checks.assert_one_line_error(checks.prepare("retouch", root, tmp_path / "out"), "TRAIN049/reference.mhd", "missing")
 
 
 def test_truncated_raw_file(download, tmp_path: Path) -> None:
     root, _ = download
     raw = root / "RETOUCH-TrainingSet-Cirrus" / "TRAIN002" / "oct.raw"
     raw.write_bytes(raw.read_bytes()[: raw.stat().st_size // 2])
-    assert_one_line_error(prepare("retouch", root, tmp_path / "out"), str(raw), "truncated")
+    checks.assert_one_line_error(checks.prepare("retouch", root, tmp_path / "out"), str(raw), "truncated")
 
 
 def test_unknown_label_value(download, tmp_path: Path) -> None:
@@ -103,13 +95,14 @@ def test_unknown_label_value(download, tmp_path: Path) -> None:
     bad = references["TRAIN025"].copy()
     bad[0, 0, 0] = 7
     write_mhd(root / "RETOUCH-TrainingSet-Spectralis" / "TRAIN025" / "reference.mhd", bad)
-    assert_one_line_error(prepare("retouch", root, tmp_path / "out"), "TRAIN025/reference.mhd", "label value 7")
+    result = checks.prepare("retouch", root, tmp_path / "out")
+    checks.assert_one_line_error(result, "TRAIN025/reference.mhd", "label value 7")
 
 
 def test_no_training_set(tmp_path: Path) -> None:
     (tmp_path / "download" / "RETOUCH-TestSet-Cirrus" / "TEST001").mkdir(parents=True)
-    assert_one_line_error(prepare("retouch", tmp_path / "download", tmp_path / "out"), "RETOUCH-TrainingSet-",
-                          "RETOUCH-TestSet")
+    result = checks.prepare("retouch", tmp_path / "download", tmp_path / "out")
+    checks.assert_one_line_error(result, "RETOUCH-TrainingSet-", "RETOUCH-TestSet")
 
 
 def test_protocol_matches_the_recipe() -> None:
