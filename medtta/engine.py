@@ -169,7 +169,7 @@ class Engine:
         self.results.mkdir(parents=True, exist_ok=True)
         dataset = open_dataset(p)  # a broken dataset fails here, before any run is opened
         uri = tracking_uri(c.tracking_uri, self.results)
-        tracker = Tracker(uri, p.name)
+        tracker = Tracker(uri, p.name, self.results / "mlartifacts" if uri.startswith("sqlite:") else None)
         tags = self.tags()
         with tracker.run(f"{c.method} seed={c.seed}", tags, self.params()) as run_id:
             model, record = source_model(p, dataset, self.adapter_cls.architecture, c.seed, self.results,

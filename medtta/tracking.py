@@ -27,10 +27,16 @@ def experiment_name(protocol: str) -> str:
 class Tracker:
     """Thin wrapper over MLflow's fluent API; runs end FAILED when their block raises."""
 
-    def __init__(self, uri: str, protocol: str) -> None:
+    def __init__(self, uri: str, protocol: str, artifacts: Path | None = None) -> None:
+        """`artifacts`: where a new experiment keeps its artifacts; for a database store MLflow would
+        otherwise write them to ./mlruns of whatever directory the command runs in."""
         self.uri = uri
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment_name(protocol))
+        name = experiment_name(protocol)
+        client = mlflow.MlflowClient()
+        if artifacts is not None and client.get_experiment_by_name(name) is None:
+            client.create_experiment(name, artifact_location=(artifacts / name).as_uri())
+        mlflow.set_experiment(name)
         # MLflow 3's UI opens an untagged experiment on its GenAI overview; this shows the runs table
         mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")
 

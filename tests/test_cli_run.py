@@ -67,6 +67,7 @@ def test_run_logs_parent_and_child_runs(dataset: Path, results: Path) -> None:
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and sorted(r.data.tags["medtta.site"] for r in children) == ["B", "C"]
+    assert parents[0].info.artifact_uri.startswith((results / "mlartifacts").as_uri())  # not ./mlruns
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert {k: parent.data.tags[k] for k in ("medtta.method", "medtta.protocol", "medtta.modality",
