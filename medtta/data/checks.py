@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from medtta.data.layout import check_pair, read_dataset_json, read_sites_csv, sha256
+from medtta.data.layout import check_geometry, check_pair, read_dataset_json, read_sites_csv, sha256
 from medtta.errors import DataError, ProtocolError
 from medtta.protocol import Protocol
 
@@ -25,10 +25,9 @@ def _check_case(image_path: Path, label_path: Path, labels: dict[str, int]) -> s
         return f"{image_path} / {label_path}: cannot be read as NIfTI ({err})"
     try:
         check_pair(np.squeeze(image_data), np.squeeze(label_data), labels, image_path, label_path)
+        check_geometry(image.affine, label.affine, image_path, label_path)
     except DataError as err:
         return str(err)
-    if not np.allclose(image.affine, label.affine, atol=1e-3):
-        return f"{label_path}: geometry (affine) differs from image {image_path}"
     return None
 
 

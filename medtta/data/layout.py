@@ -139,7 +139,7 @@ def read_dataset(root: str | Path) -> Dataset:
     )
 
 
-def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     """Voxel array (a 4D array with one frame squeezed to 3D) and spacing; unreadable files name the path."""
     try:
         img = nib.load(str(path))
@@ -168,10 +168,16 @@ def check_pair(image: np.ndarray, label: np.ndarray, labels: dict[str, int], ima
                         f"{sorted(labels.values())}")
 
 
+def check_geometry(image_affine: np.ndarray, label_affine: np.ndarray, image_path: Path, label_path: Path) -> None:
+    """Image and label must lie in the same space (affines equal to 1e-3)."""
+    if not np.allclose(image_affine, label_affine, atol=1e-3):
+        raise DataError(f"{label_path}: geometry (affine) differs from image {image_path}")
+
+
 def load_volume(case: Case, labels: dict[str, int]) -> Volume:
     """Load a case, checked with `check_pair`."""
-    image, spacing = load_nifti(case.image)
-    label, _ = load_nifti(case.label)
+    image, spacing = _load_nifti(case.image)
+    label, _ = _load_nifti(case.label)
     check_pair(image, label, labels, case.image, case.label)
     return Volume(case.case_id, image.astype(np.float32), label.astype(np.int64), spacing)
 

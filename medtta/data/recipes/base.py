@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from medtta.data.layout import (
     MANIFEST,
     append_manifest,
+    check_geometry,
     check_pair,
     manifest_row,
     read_manifest,
@@ -118,8 +119,7 @@ def _write_case(recipe: Recipe, case: SourceCase, out: Path) -> dict[str, str]:
     image, label = recipe.read_case(case)
     image_data, label_data = np.asanyarray(image.dataobj), np.asanyarray(label.dataobj)
     check_pair(image_data, label_data, recipe.labels, case.image, case.label)
-    if not np.allclose(image.affine, label.affine, atol=1e-3):
-        raise DataError(f"{case.label}: geometry (affine) differs from image {case.image}")
+    check_geometry(image.affine, label.affine, case.image, case.label)
     write_case(out, case.case_id, image_data, label_data, affine=image.affine)
     return manifest_row(out, case.case_id, case.site, case.split)
 
