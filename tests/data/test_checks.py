@@ -27,8 +27,10 @@ def broken(tmp_path: Path, write_nifti) -> Path:
         write_nifti(root / "imagesTr" / f"{cid}_0000.nii.gz", np.zeros(image_shape, np.float32))
         write_nifti(root / "labelsTr" / f"{cid}.nii.gz", np.full((8, 8, 2), label_value, np.uint8))
     write_nifti(root / "imagesTr" / "nolabel_0000.nii.gz", np.zeros((8, 8, 2), np.float32))
+    write_nifti(root / "imagesTr" / "moved_0000.nii.gz", np.zeros((8, 8, 2), np.float32))
+    write_nifti(root / "labelsTr" / "moved.nii.gz", np.zeros((8, 8, 2), np.uint8), spacing=(2.0, 1.0, 1.0))
     write_metadata(root, "broken", {"background": 0, "organ": 1}, "T1",
-                   [(c, "X", None) for c in ("ok", "shape", "label", "nolabel")])
+                   [(c, "X", None) for c in ("ok", "shape", "label", "nolabel", "moved")])
     return root
 
 
@@ -36,7 +38,8 @@ def test_check_lists_every_problem(broken: Path) -> None:
     result = invoke("data", "check", str(broken), "-q")
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert lines[-1] == "4 problem(s) found"
+    assert lines[-1] == "5 problem(s) found"
+    assert any("moved.nii.gz: geometry (affine) differs from image" in line for line in lines)
     assert any("shape.nii.gz: shape (8, 8, 2) differs from image" in line for line in lines)
     assert any("label.nii.gz: label values [5] are not in dataset.json labels [0, 1]" in line for line in lines)
     assert any(line.endswith("nolabel.nii.gz: missing") for line in lines)
@@ -44,7 +47,7 @@ def test_check_lists_every_problem(broken: Path) -> None:
 
 
 def test_check_passes_on_a_good_folder(broken: Path) -> None:
-    for cid in ("shape", "label", "nolabel"):
+    for cid in ("shape", "label", "nolabel", "moved"):
         (broken / "imagesTr" / f"{cid}_0000.nii.gz").unlink()
     write_metadata(broken, "broken", {"background": 0, "organ": 1}, "T1", [("ok", "X", None), ("orphan", "X", None)])
     result = invoke("data", "check", str(broken), "-q")
