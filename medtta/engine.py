@@ -25,7 +25,7 @@ from medtta.metrics import collapsed, dice_recovery, mean, volume_dice, volume_m
 from medtta.models.training import source_model
 from medtta.paths import results_root
 from medtta.protocol import SETTINGS, Protocol
-from medtta.registry import ADAPTERS
+from medtta.registry import ADAPTERS, ARCHITECTURES
 from medtta.tracking import Tracker, tracking_uri
 
 
@@ -39,6 +39,7 @@ class RunConfig:
     steps: int | None = None  # None: the method's default
     batch_size: int = 32  # slices per batch; a batch never mixes volumes
     hparams: dict[str, Any] = field(default_factory=dict)
+    arch_config: dict[str, Any] = field(default_factory=dict)  # overrides of the architecture's defaults
     device: str = "auto"
     results: Path | None = None
     tracking_uri: str | None = None
@@ -97,15 +98,13 @@ def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
 def adapt_and_predict(adapter: Adapter, x: torch.Tensor, setting: str, steps: int, batch_size: int) -> torch.Tensor:
     """Logits for one volume's slices.
 
-    episodic: reset, `steps` updates over the volume's batches, then predict (update, then predict);
+    episodic: reset, adapt to the volume (`steps` iterations, as the method defines them), then predict;
     continual: each batch is predicted, then used for one update (predict, then update); no reset.
     """
     if setting == "continual":
         return torch.cat([adapter(b) for b in _batches(x, batch_size)])
     adapter.reset()
-    for _ in range(steps):
-        for b in _batches(x, batch_size):
-            adapter.update(b)
+    adapter.adapt(x, steps, batch_size)
     return torch.cat([adapter.predict(b) for b in _batches(x, batch_size)])
 
 
@@ -143,6 +142,8 @@ class Engine:
         if self.setting not in SETTINGS:
             raise MedttaError(f"--setting '{self.setting}': expected one of {', '.join(SETTINGS)}")
         self.steps = self.adapter_cls.default_steps if config.steps is None else config.steps
+        self.architecture = ARCHITECTURES.get(self.adapter_cls.architecture)
+        self.architecture.check_config(config.arch_config)
         self.device = resolve_device(config.device)
         self.results = results_root(config.results)
         if config.epochs is not None:
@@ -157,11 +158,13 @@ class Engine:
                 "target_sites": ",".join(p.target_sites), "architecture": self.adapter_cls.architecture,
                 "train_epochs": p.training.epochs, "train_lr": p.training.lr,
                 "input_size": "x".join(map(str, p.preprocessing.size)), "input_spacing": p.preprocessing.spacing,
-                **{f"hp.{k}": v for k, v in hparams.items()}}
+                **{f"hp.{k}": v for k, v in hparams.items()},
+                **{f"arch.{k}": v for k, v in {**self.architecture.defaults, **c.arch_config}.items()}}
 
     def tags(self) -> dict[str, Any]:
         p = self.protocol
-        return {"medtta.method": self.config.method, "medtta.protocol": p.name, "medtta.modality": p.modality,
+        return {"medtta.method": self.config.method, "medtta.architecture": self.adapter_cls.architecture,
+                "medtta.paradigm": self.adapter_cls.paradigm, "medtta.protocol": p.name, "medtta.modality": p.modality,
                 "medtta.setting": self.setting, "medtta.seed": self.config.seed, "medtta.site": p.source_site}
 
     def run(self) -> RunResult:
@@ -173,8 +176,10 @@ class Engine:
         tags = self.tags()
         with tracker.run(f"{c.method} seed={c.seed}", tags, self.params()) as run_id:
             model, record = source_model(p, dataset, self.adapter_cls.architecture, c.seed, self.results,
-                                         self.device, c.progress)
-            tracker.log_metrics({"source_val_dice": record["val_dice"]})
+                                         self.device, c.arch_config, c.progress)
+            tracker.log_metrics({"source_val_dice": record["val_dice"], "source_train_seconds": record["train_seconds"],
+                                 **{f"source_{name}_val_loss": stage["val_loss"]
+                                    for name, stage in record["stages"].items()}})
             in_domain = self._in_domain_dice(model, dataset.cases_of(p.source_site, "test"))
             tracker.log_metrics({"dice_in_domain": in_domain})
             seed_everything(c.seed)

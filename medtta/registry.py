@@ -14,6 +14,14 @@ from typing import Any
 from medtta.errors import RegistryError
 
 
+def check_keys(owner: type, given: dict[str, Any], noun: str) -> None:
+    """Fail, naming the known ones, when a key of `given` is not in `owner.defaults`."""
+    unknown = sorted(set(given) - set(owner.defaults))
+    if unknown:
+        known = ", ".join(owner.defaults) or "none"
+        raise RegistryError(f"{owner.__name__} has no {noun} {', '.join(unknown)} (known: {known})")
+
+
 class Registry:
     """Named factories of one kind (e.g. adapters), discovered from an entry-point group."""
 
@@ -58,9 +66,9 @@ class Registry:
         return entry
 
     def describe(self, name: str) -> str:
-        """First line of the factory's docstring."""
+        """First paragraph of the factory's docstring, on one line."""
         doc = (self.get(name).__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        return " ".join(doc.split("\n\n")[0].split())
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Instantiate the factory registered under `name`."""
@@ -68,3 +76,4 @@ class Registry:
 
 
 ADAPTERS = Registry("medtta.adapters", "adapter")
+ARCHITECTURES = Registry("medtta.architectures", "architecture")

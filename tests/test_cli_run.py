@@ -112,9 +112,18 @@ def test_target_site_and_continual_setting(dataset: Path, results: Path) -> None
 
 def test_list_commands() -> None:
     code, out, _ = invoke("list", "adapters")
-    assert code == 0 and "tent  " in out and "bn-stats" in out and "source" in out
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["METHOD", "PARADIGM", "ARCHITECTURE", "DESCRIPTION"]
+    rows = {line.split()[0]: line.split()[1:3] for line in lines[1:]}
+    assert rows["tent"] == ["output", "unet"] and rows["norm-net"] == ["input", "unet-normalizer"]
+    assert rows["ttt-rot"] == ["feature", "unet-rotation"] and rows["source"] == ["none", "unet"]
+    assert "Karani et al. 2021: adapt the normalization sub-network" in out
     code, out, _ = invoke("list", "adapters", "*bn*")
-    assert out.splitlines()[0].startswith("bn-stats") and len(out.splitlines()) == 1
+    assert out.splitlines()[1].startswith("bn-stats") and len(out.splitlines()) == 2
+    code, out, _ = invoke("list", "architectures")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
+    assert rows["unet"][0] == "bn-stats,source,tent" and rows["unet-autoencoders"][:3] == [
+        "ae-tta", "ae_epochs=30", "ae_lr=0.001"]
     code, out, _ = invoke("list", "protocols")
     assert code == 0 and "synth-mri" in out and "A -> B, C, D" in out
 
@@ -122,7 +131,10 @@ def test_list_commands() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", "-m", "nope", "-d", "synth-mri"], "Error: unknown adapter 'nope' (available: bn-stats, source, tent"),
+        (["run", "-m", "nope", "-d", "synth-mri"], "Error: unknown adapter 'nope' (available: ae-tta, bn-stats, "),
+        (["run", "-m", "tent", "-d", "synth-mri", "-a", "depth=5"],
+         "Error: UNetModel has no config key depth (known: none)"),
+        (["run", "-m", "tent", "-d", "synth-mri", "-a", "depth"], "'depth' is not KEY=VALUE"),
         (["run", "-m", "tent", "-d", "nope"], "Error: --dataset 'nope' is neither a protocol"),
         (["run", "-m", "tent", "-d", "synth-mri", "-p", "lrr=1"], "Error: Tent has no hyper-parameter lrr"),
     ],
@@ -130,6 +142,19 @@ def test_list_commands() -> None:
 def test_bad_options(args: list[str], message: str) -> None:
     code, _, err = invoke(*args)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_run_of_a_method_with_its_own_architecture(dataset: Path, results: Path) -> None:
+    code, out, err = invoke(*run_args(dataset, results, "--method", "norm-net", "--steps", "2", "--target-site", "B",
+                                      "-a", "dae_epochs=1", "-a", "prior_size=[8, 32, 32]"))
+    assert code == 0, err
+    parent = [r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags][-1]
+    assert parent.data.tags["medtta.architecture"] == "unet-normalizer"
+    assert parent.data.tags["medtta.paradigm"] == "input"
+    assert parent.data.params["arch.dae_epochs"] == "1" and parent.data.params["arch.jigsaw_boxes"] == "12"
+    assert parent.data.params["hp.refresh"] == "10" and parent.data.params["steps"] == "2"
+    assert {"source_val_dice", "source_train_seconds", "source_dae_val_loss"} <= set(parent.data.metrics)
+    assert len(list((results / "models" / "synth-mri").glob("unet-normalizer-*.pt"))) == 2  # network, DAE
 
 
 def test_folder_needs_source_site(dataset: Path) -> None:

@@ -60,7 +60,7 @@ def test_register_and_create() -> None:
 
 
 def test_unknown_name_lists_available() -> None:
-    with pytest.raises(RegistryError, match=r"unknown adapter 'nope' \(available: bn-stats, source, tent"):
+    with pytest.raises(RegistryError, match=r"unknown adapter 'nope' \(available: ae-tta, bn-stats, norm-net, source, tent, ttt-mae, ttt-rot\)"):
         ADAPTERS.create("nope", torch.nn.Identity())
 
 

@@ -13,20 +13,27 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from medtta.errors import RegistryError
+from medtta.registry import check_keys
+
+PARADIGMS = ("input", "feature", "output", "prior", "none")
+"""What an adapter changes, after the MedSeg-TTA benchmark (arXiv 2512.02497): the input, the features, the output
+(or the parameters through an output loss), a prior over the output; `none` for the unadapted baseline."""
 
 
 class Adapter(nn.Module):
     """A model wrapped for test-time adaptation; `forward` predicts, then updates (the online setting).
 
-    Class attributes declare what the engine needs: the source `architecture` to train or load,
-    the hyper-parameter `defaults` (with the paper's values) and `default_steps`, the update
-    iterations per volume in the episodic setting.
+    Class attributes declare what the engine needs: the source `architecture` to train or load, the `paradigm`,
+    the hyper-parameter `defaults` (with the paper's values) and `default_steps`, the update iterations per
+    volume in the episodic setting. `logits_in_objective` says whether `objective` computes the batch's
+    segmentation logits (then a continual prediction costs no extra forward pass).
     """
 
     architecture: ClassVar[str] = "unet"
+    paradigm: ClassVar[str] = "none"
     defaults: ClassVar[dict[str, Any]] = {}
     default_steps: ClassVar[int] = 0
+    logits_in_objective: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, **hparams: Any) -> None:
         super().__init__()
@@ -35,23 +42,22 @@ class Adapter(nn.Module):
         self.model = model
         self.configure(model)
         self.params = self.collect_params(model)
+        for p in self.params:
+            p.requires_grad_(True)
         self.optimizer = self.make_optimizer(self.params) if self.params else None
-        self._initial_state = copy.deepcopy(model.state_dict())
+        self._initial_state = copy.deepcopy(self.state_dict())  # the model and anything the adapter adds
 
     @classmethod
     def check_hparams(cls, hparams: dict[str, Any]) -> None:
         """Fail, naming the known ones, when a hyper-parameter is not this method's."""
-        unknown = sorted(set(hparams) - set(cls.defaults))
-        if unknown:
-            known = ", ".join(cls.defaults) or "none"
-            raise RegistryError(f"{cls.__name__} has no hyper-parameter {', '.join(unknown)} (known: {known})")
+        check_keys(cls, hparams, "hyper-parameter")
 
     def configure(self, model: nn.Module) -> None:
-        """Put the model in its test-time mode (default: frozen, inference mode)."""
+        """Put the model in its test-time mode (default: frozen, inference mode) and add what the method adds."""
         model.eval().requires_grad_(False)
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
-        """The parameters updated at test time (default: none), made trainable here."""
+        """The parameters updated at test time (default: none); the base class makes them trainable."""
         return []
 
     def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -61,30 +67,44 @@ class Adapter(nn.Module):
         """The unsupervised objective on a batch's logits."""
         raise NotImplementedError(f"{type(self).__name__} collects parameters but defines no loss")
 
+    def objective(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss minimized on batch `x`, and the logits computed on the way (None if it computes none)."""
+        logits = self.model(x)
+        return self.loss(logits), logits
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the current model, without adapting."""
         return self.model(x)
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        """One adaptation step on `x`; returns the logits computed before the step."""
+    def update(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One adaptation step on `x`; returns the logits the objective computed before the step, if any."""
         if self.optimizer is None:
-            return self.predict(x)
+            return None
         with torch.enable_grad():
-            logits = self.model(x)
-            loss = self.loss(logits)
+            loss, logits = self.objective(x)
             loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return logits.detach()
+        return None if logits is None else logits.detach()
+
+    def adapt(self, x: torch.Tensor, steps: int, batch_size: int) -> None:
+        """Episodic adaptation to one volume's slices `x`: `steps` passes of one update per batch."""
+        for _ in range(steps):
+            for b in torch.split(x, batch_size):
+                self.update(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predict, then update (as online TENT does): the prediction never saw its own batch's gradient."""
+        if self.optimizer is None or not self.logits_in_objective:
+            logits = self.predict(x)
+            self.update(x)
+            return logits
         return self.update(x)
 
     def reset(self) -> None:
         """Restore the exact state the adapter started from: weights, buffers and optimizer state."""
-        self.model.load_state_dict(self._initial_state)
+        self.load_state_dict(self._initial_state)
         if self.optimizer is not None:
             self.optimizer = self.make_optimizer(self.params)
 

@@ -17,6 +17,7 @@ class BNStats(Adapter):
             test-batch statistics only).
     """
 
+    paradigm: ClassVar[str] = "feature"
     defaults: ClassVar[dict[str, Any]] = {"source_weight": 0.0}
 
     def configure(self, model: nn.Module) -> None:

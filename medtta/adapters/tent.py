@@ -7,7 +7,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from medtta.adapters.base import Adapter, MixedBatchNorm, use_batch_statistics
+from medtta.adapters.base import Adapter, use_batch_statistics
+from medtta.models.base import batchnorm_params
 
 
 class Tent(Adapter):
@@ -17,6 +18,7 @@ class Tent(Adapter):
     paper: Adam, lr 1e-3, one step per batch.
     """
 
+    paradigm: ClassVar[str] = "output"
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3}
     default_steps: ClassVar[int] = 1
 
@@ -25,13 +27,7 @@ class Tent(Adapter):
         use_batch_statistics(model)
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
-        params = []
-        for module in model.modules():
-            if isinstance(module, MixedBatchNorm) and module.affine:
-                params += [module.weight, module.bias]
-        for p in params:
-            p.requires_grad_(True)
-        return params
+        return batchnorm_params(model)
 
     def loss(self, logits: torch.Tensor) -> torch.Tensor:
         log_p = logits.log_softmax(1)

@@ -34,12 +34,12 @@ def main() -> None:
     """
 
 
-def _parse_params(values: tuple[str, ...]) -> dict:
+def _parse_params(values: tuple[str, ...], option: str = "--param") -> dict:
     params = {}
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"'{item}' is not KEY=VALUE", param_hint="--param")
+            raise click.BadParameter(f"'{item}' is not KEY=VALUE", param_hint=option)
         params[key] = yaml.safe_load(raw)
     return params
 
@@ -62,6 +62,9 @@ def _parse_params(values: tuple[str, ...]) -> dict:
               help="Slices per batch (a batch never mixes volumes).")
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
               help="Method hyper-parameter, e.g. -p lr=1e-4; repeatable.")
+@click.option("--arch-param", "-a", "arch_params", multiple=True, metavar="KEY=VALUE",
+              help="Source-architecture config, e.g. -a dae_epochs=20 (see `medtta list architectures`); "
+                   "repeatable. Part of the source model's cache key.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Source-training epochs (default: the protocol's).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="auto uses CUDA when present.")
@@ -70,8 +73,8 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 @click.option("--tracking-uri",
               help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in the results dir).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def run(method, dataset, source_site, target_sites, setting, seed, steps, batch_size, params, epochs, device,
-        results, tracking_uri, quiet) -> None:
+def run(method, dataset, source_site, target_sites, setting, seed, steps, batch_size, params, arch_params, epochs,
+        device, results, tracking_uri, quiet) -> None:
     """Adapt a source model to every target site of a protocol and report Dice recovery.
 
     Generates synthetic data and trains the source model on first use (both cached), adapts on each
@@ -86,7 +89,8 @@ def run(method, dataset, source_site, target_sites, setting, seed, steps, batch_
         logging.getLogger(noisy).setLevel(logging.WARNING)  # sets its level on import, so after the imports
     protocol = resolve_protocol(dataset, source_site, tuple(target_sites))
     config = RunConfig(method=method, setting=setting, seed=seed, steps=steps, batch_size=batch_size,
-                       hparams=_parse_params(params), device=device, results=results, tracking_uri=tracking_uri,
+                       hparams=_parse_params(params), arch_config=_parse_params(arch_params, "--arch-param"),
+                       device=device, results=results, tracking_uri=tracking_uri,
                        epochs=epochs, progress=not quiet)
     result = run_protocol(protocol, config)
     click.echo(f"\n{method} on {protocol.name} ({protocol.modality}, {result.setting}, seed {seed}), "
@@ -103,16 +107,41 @@ def list_() -> None:
     """List what is available."""
 
 
+def _echo_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last one runs free."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)] if rows else []
+    for row in rows:
+        click.echo("  ".join([*(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1]]).rstrip())
+
+
 @list_.command("adapters")
 @click.argument("pattern", default="*")
 def list_adapters(pattern: str) -> None:
-    """Adaptation methods (optionally filtered by an fnmatch PATTERN such as '*bn*')."""
+    """Adaptation methods with their paradigm (input, feature, output or prior, as in the MedSeg-TTA benchmark),
+    the source architecture they adapt and what they do (optionally filtered by an fnmatch PATTERN such as 'ttt*').
+    """
     from medtta.registry import ADAPTERS
 
-    names = ADAPTERS.list(pattern)
-    width = max((len(n) for n in names), default=0)
-    for name in names:
-        click.echo(f"{name.ljust(width)}  {ADAPTERS.describe(name)}")
+    rows = [("METHOD", "PARADIGM", "ARCHITECTURE", "DESCRIPTION")]
+    for name in ADAPTERS.list(pattern):
+        cls = ADAPTERS.get(name)
+        rows.append((name, cls.paradigm, cls.architecture, ADAPTERS.describe(name)))
+    _echo_table(rows)
+
+
+@list_.command("architectures")
+@click.argument("pattern", default="*")
+def list_architectures(pattern: str) -> None:
+    """Source architectures, their config (set with `medtta run -a KEY=VALUE`) and the methods that adapt them."""
+    from medtta.registry import ADAPTERS, ARCHITECTURES
+
+    rows = [("ARCHITECTURE", "METHODS", "CONFIG", "DESCRIPTION")]
+    for name in ARCHITECTURES.list(pattern):
+        cls = ARCHITECTURES.get(name)
+        methods = [m for m in ADAPTERS.list() if ADAPTERS.get(m).architecture == name]
+        config = " ".join(f"{k}={v}".replace(" ", "") for k, v in cls.defaults.items()) or "-"
+        rows.append((name, ",".join(methods) or "-", config, ARCHITECTURES.describe(name)))
+    _echo_table(rows)
 
 
 @list_.command("protocols")

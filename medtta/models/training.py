@@ -1,120 +1,218 @@
-"""Source-model training on the source site's train split, best checkpoint on its validation split,
-cached under the results dir keyed by protocol, architecture and seed."""
+"""Source-model training on the source site's train split, best checkpoint on its validation split, cached under
+the results dir keyed by protocol, architecture, config and seed.
+
+One loop (`fit`) trains every architecture: first the network on its `source_losses`, then each post-training
+stage (a DAE, autoencoders) with the network frozen, each stage in its own cached checkpoint.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
 from torch import nn
 from tqdm.auto import tqdm
 
-from medtta.data.layout import Dataset, Volume, load_volume, sha256
+from medtta.data.layout import Dataset, load_volume, sha256
 from medtta.data.preprocess import image_slices, label_slices, to_native
 from medtta.errors import DataError
 from medtta.metrics import mean, volume_dice
-from medtta.models.networks import build_network
+from medtta.models import build_network
+from medtta.models.base import Architecture, SourceVolume, Stage
 from medtta.protocol import Protocol
 
-TRAINING_VERSION = 1
+TRAINING_VERSION = 2
 
 
-def checkpoint_path(results: Path, protocol: Protocol, dataset: Dataset, architecture: str, seed: int) -> Path:
-    """Cache path; the key covers everything that changes the trained weights, the training files by content
-    (so a copied or moved dataset reuses its model, and an edited one does not)."""
-    files = sorted((c.case_id, c.split, sha256(c.image), sha256(c.label))
-                   for c in dataset.cases_of(protocol.source_site) if c.split in ("train", "val"))
-    key = json.dumps([TRAINING_VERSION, architecture, protocol.labels, asdict(protocol.preprocessing),
-                      asdict(protocol.training), files], sort_keys=True, default=str)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return results / "models" / protocol.name / f"{architecture}-{protocol.source_site}-seed{seed}-{digest}.pt"
-
-
-def load_checkpoint(path: Path, architecture: str, n_classes: int) -> nn.Module:
-    """Rebuild the network and load its weights safely (`weights_only=True`)."""
-    model = build_network(architecture, 1, n_classes)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
-
-
-@torch.no_grad()
-def _validation_dice(model: nn.Module, val: list[tuple[torch.Tensor, Volume]], protocol: Protocol,
-                     device: torch.device) -> float:
-    """Mean volume Dice at the volumes' own resolution, as the engine measures it."""
-    scores = [volume_dice(to_native(model(x.to(device)), v, protocol.preprocessing), torch.as_tensor(v.label),
-                          protocol.labels)["dice"] for x, v in val]
-    return mean(scores)
-
-
-def train_source_model(
-    train: list[Volume], val: list[Volume], protocol: Protocol, architecture: str, seed: int,
-    device: torch.device, progress: bool = True,
-) -> tuple[nn.Module, dict[str, float]]:
-    """Train with Dice+CE (MONAI) and keep the weights with the best mean validation Dice."""
-    cfg = protocol.training
-    torch.manual_seed(seed)
-    images = torch.cat([image_slices(v, protocol.preprocessing) for v in train])
-    targets = torch.cat([label_slices(v, protocol.preprocessing) for v in train]).unsqueeze(1)
-    val_inputs = [(image_slices(v, protocol.preprocessing), v) for v in val]
-    model = build_network(architecture, 1, len(protocol.labels)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    rng = np.random.default_rng(seed)
-    best = {"val_dice": -1.0, "epoch": -1}
+def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float,
+        batch_losses: Callable[[int], Iterator[torch.Tensor]], score: Callable[[], float], desc: str,
+        progress: bool) -> dict[str, float]:
+    """Adam on `params` for `epochs` passes of `batch_losses(epoch)`, `module` in train mode; after each epoch
+    `score()` (higher is better) with `module` in eval mode, and the state of `module` with the best score kept."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    best = {"score": -float("inf"), "epoch": -1}
     best_state = None
     start = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc=f"training source model on site {protocol.source_site}", unit="epoch",
-               disable=not progress, leave=False)
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
-        model.train()
-        order = torch.as_tensor(rng.permutation(len(images)))
-        for i in range(0, len(order) - 1, cfg.batch_size):  # a batch of one breaks BatchNorm
-            idx = order[i : i + cfg.batch_size]
-            loss = loss_fn(model(images[idx].to(device)), targets[idx].to(device))
+        module.train()
+        for loss in batch_losses(epoch):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        model.eval()
-        val_dice = _validation_dice(model, val_inputs, protocol, device)
-        if val_dice > best["val_dice"]:
-            best = {"val_dice": val_dice, "epoch": epoch}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        bar.set_postfix(val_dice=f"{val_dice:.3f}", best=f"{best['val_dice']:.3f}")
-    model.load_state_dict(best_state)
-    best["train_seconds"] = time.perf_counter() - start
-    return model.eval(), best
+        module.eval()
+        value = score()
+        if value > best["score"]:
+            best = {"score": value, "epoch": epoch}
+            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        bar.set_postfix(score=f"{value:.4f}", best=f"{best['score']:.4f}")
+    module.load_state_dict(best_state)
+    return {**best, "seconds": time.perf_counter() - start}
+
+
+@dataclass
+class SourceData:
+    """The source site's train and val volumes, loaded and preprocessed only when something needs training."""
+
+    protocol: Protocol
+    dataset: Dataset
+
+    def _volumes(self, split: str) -> list:
+        return [load_volume(c, self.dataset.labels) for c in self.dataset.cases_of(self.protocol.source_site, split)]
+
+    @cached_property
+    def raw(self) -> dict[str, list]:
+        splits = {split: self._volumes(split) for split in ("train", "val")}
+        if not splits["train"] or not splits["val"]:
+            raise DataError(f"{self.dataset.root}: site '{self.protocol.source_site}' needs train and val cases to "
+                            f"train a source model (found {len(splits['train'])} train, {len(splits['val'])} val)")
+        return splits
+
+    @cached_property
+    def volumes(self) -> dict[str, list[SourceVolume]]:
+        prep = self.protocol.preprocessing
+        return {split: [(image_slices(v, prep), label_slices(v, prep)) for v in volumes]
+                for split, volumes in self.raw.items()}
+
+
+def _batches(n: int, size: int, rng: np.random.Generator, min_size: int = 1) -> Iterator[torch.Tensor]:
+    """Shuffled index batches; a last batch smaller than `min_size` is dropped."""
+    order = torch.as_tensor(rng.permutation(n))
+    for i in range(0, n - min_size + 1, size):
+        yield order[i : i + size]
+
+
+@torch.no_grad()
+def _validation_dice(model: nn.Module, data: SourceData, device: torch.device) -> float:
+    """Mean volume Dice at the volumes' own resolution, as the engine measures it."""
+    prep, labels = data.protocol.preprocessing, data.protocol.labels
+    return mean([volume_dice(to_native(model(x.to(device)), v, prep), torch.as_tensor(v.label), labels)["dice"]
+                 for (x, _), v in zip(data.volumes["val"], data.raw["val"], strict=True)])
+
+
+def train_network(model: Architecture, data: SourceData, seed: int, device: torch.device,
+                  progress: bool = True) -> dict[str, float]:
+    """Train everything but the post-training stages on the architecture's source losses, in slice batches;
+    keep the weights with the best mean validation Dice."""
+    cfg = data.protocol.training
+    images = torch.cat([x for x, _ in data.volumes["train"]])
+    labels = torch.cat([y for _, y in data.volumes["train"]])
+    stage_modules = {stage.module for stage in model.post_training()}
+    params = [p for name, p in model.named_parameters() if name.split(".", 1)[0] not in stage_modules]
+    rng = np.random.default_rng(seed)
+
+    def batch_losses(epoch: int) -> Iterator[torch.Tensor]:
+        for idx in _batches(len(images), cfg.batch_size, rng, min_size=2):  # a batch of one breaks BatchNorm
+            yield sum(model.source_losses(images[idx].to(device), labels[idx].to(device)).values())
+
+    best = fit(model, params, cfg.epochs, cfg.lr, batch_losses, lambda: _validation_dice(model, data, device),
+               f"training {type(model).__name__} on site {data.protocol.source_site}", progress)
+    return {"val_dice": best["score"], "epoch": best["epoch"], "seconds": best["seconds"]}
+
+
+def train_stage(model: Architecture, stage: Stage, data: SourceData, seed: int, device: torch.device,
+                progress: bool = True) -> dict[str, float]:
+    """Train one post-training stage on batches of source volumes, the network frozen in eval mode; keep the
+    state with the lowest validation loss (its random corruptions drawn from a fixed seed)."""
+    module = getattr(model, stage.module)
+    model.eval().requires_grad_(False)
+    module.requires_grad_(True)
+    rng = np.random.default_rng(seed)
+    train, val = data.volumes["train"], data.volumes["val"]
+
+    def on_device(volumes: list[SourceVolume]) -> list[SourceVolume]:
+        return [(x.to(device), y.to(device)) for x, y in volumes]
+
+    def batch_losses(epoch: int) -> Iterator[torch.Tensor]:
+        for idx in _batches(len(train), stage.volumes_per_batch, rng):
+            yield stage.loss(on_device([train[i] for i in idx]))
+
+    @torch.no_grad()
+    def score() -> float:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return -mean([float(stage.loss(on_device([v]))) for v in val])
+
+    torch.manual_seed(seed)
+    best = fit(module, list(module.parameters()), stage.epochs, stage.lr, batch_losses, score,
+               f"training {stage.module} on site {data.protocol.source_site}", progress)
+    model.requires_grad_(True)
+    return {"val_loss": -best["score"], "epoch": best["epoch"], "seconds": best["seconds"]}
+
+
+def _digest(key: list[Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def cache_key(protocol: Protocol, dataset: Dataset, architecture: str, model: Architecture) -> list[Any]:
+    """Everything that changes the trained network: the training files by content (so a copied or moved dataset
+    reuses its model, and an edited one does not), the architecture and the config it trains with."""
+    files = sorted((c.case_id, c.split, sha256(c.image), sha256(c.label))
+                   for c in dataset.cases_of(protocol.source_site) if c.split in ("train", "val"))
+    return [TRAINING_VERSION, architecture, model.network_config(), protocol.labels, asdict(protocol.preprocessing),
+            asdict(protocol.training), files]
+
+
+def _save(path: Path, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2))
+
+
+def _cached(path: Path) -> dict[str, Any] | None:
+    record = path.with_suffix(".json")
+    return json.loads(record.read_text()) if path.is_file() and record.is_file() else None
+
+
+def _load(module: nn.Module, path: Path) -> None:
+    """Load weights safely (`weights_only=True`) over the module's own (a network file lacks the stages)."""
+    module.load_state_dict({**module.state_dict(), **torch.load(path, map_location="cpu", weights_only=True)})
 
 
 def source_model(
     protocol: Protocol, dataset: Dataset, architecture: str, seed: int, results: Path, device: torch.device,
-    progress: bool = True,
-) -> tuple[nn.Module, dict]:
-    """The source model for (protocol, architecture, seed): loaded from the cache or trained and cached.
+    config: dict[str, Any] | None = None, progress: bool = True,
+) -> tuple[Architecture, dict[str, Any]]:
+    """The source model for (protocol, architecture, config, seed): every part loaded from the cache or trained
+    and cached.
 
-    Returns the model on `device` and its training
-    record (validation Dice, best epoch, seconds, checkpoint path, whether it came from the cache).
+    Returns the model on `device` and its training record: validation Dice, best epoch, seconds (network and all
+    stages in `train_seconds`), one entry per stage, checkpoint path, and whether everything came from the cache.
     """
-    path = checkpoint_path(results, protocol, dataset, architecture, seed)
-    record_path = path.with_suffix(".json")
-    if path.is_file() and record_path.is_file():
-        record = {**json.loads(record_path.read_text()), "cached": True}
-        return load_checkpoint(path, architecture, len(protocol.labels)).to(device), record
-    train, val = ([load_volume(c, dataset.labels) for c in dataset.cases_of(protocol.source_site, split)]
-                  for split in ("train", "val"))
-    if not train or not val:
-        raise DataError(f"{dataset.root}: site '{protocol.source_site}' needs train and val cases to train a "
-                        f"source model (found {len(train)} train, {len(val)} val)")
-    model, record = train_source_model(train, val, protocol, architecture, seed, device, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
-    record = {**record, "checkpoint": str(path)}
-    record_path.write_text(json.dumps(record, indent=2))
-    return model, {**record, "cached": False}
+    torch.manual_seed(seed)  # the same initial weights, whichever parts come from the cache
+    model = build_network(architecture, 1, len(protocol.labels), **(config or {})).to(device)
+    key = cache_key(protocol, dataset, architecture, model)
+    path = results / "models" / protocol.name / f"{architecture}-{protocol.source_site}-seed{seed}-{_digest(key)}.pt"
+    data = SourceData(protocol, dataset)
+    record = _cached(path)
+    cached = record is not None
+    if cached:
+        _load(model, path)
+    else:
+        record = {**train_network(model, data, seed, device, progress), "checkpoint": str(path)}
+        _save(path, model.network_state(), record)
+    record = {**record, "stages": {}}
+    for stage in model.post_training():
+        stage_key = [key, stage.module, stage.epochs, stage.lr, {k: model.config[k] for k in stage.config_keys}]
+        stage_path = path.with_suffix(f".{stage.module}-{_digest(stage_key)}.pt")
+        module = getattr(model, stage.module)
+        stage_record = _cached(stage_path)
+        if stage_record is None:
+            cached = False
+            stage_record = train_stage(model, stage, data, seed, device, progress)
+            _save(stage_path, module.state_dict(), stage_record)
+        else:
+            _load(module, stage_path)
+        record["stages"][stage.module] = stage_record
+    record["train_seconds"] = record["seconds"] + sum(s["seconds"] for s in record["stages"].values())
+    return model.eval(), {**record, "cached": cached}

@@ -8,21 +8,29 @@ import pytest
 import torch
 from torch import nn
 
+from medtta.adapters.base import PARADIGMS
 from medtta.engine import adapt_and_predict
 from medtta.errors import RegistryError
 from medtta.models import build_network
 from medtta.registry import ADAPTERS
 
+METHODS = ADAPTERS.list()
 
-@pytest.fixture
-def model() -> nn.Module:
+
+def _source_like(architecture: str) -> nn.Module:
+    """A fresh network with non-trivial BatchNorm statistics, as a trained source model has."""
     torch.manual_seed(0)
-    net = build_network("unet", 1, 4)
+    net = build_network(architecture, 1, 4)
     net.train()
-    with torch.no_grad():  # give BatchNorm non-trivial source statistics
+    with torch.no_grad():
         for _ in range(3):
             net(torch.randn(4, 1, 32, 32) * 2 + 1)
     return net.eval()
+
+
+@pytest.fixture
+def model() -> nn.Module:
+    return _source_like("unet")
 
 
 @pytest.fixture
@@ -34,36 +42,106 @@ def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) ->
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-def _bn_affine_keys(model: nn.Module) -> set[str]:
-    layers = [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    return {f"{name}.{p}" for name in layers for p in ("weight", "bias")}
+def _snapshot(adapter: nn.Module) -> dict[str, torch.Tensor]:
+    return copy.deepcopy(adapter.state_dict())
+
+
+def _adapter(method: str, **hparams) -> nn.Module:
+    return ADAPTERS.create(method, _source_like(ADAPTERS.get(method).architecture), **hparams)
+
+
+# The contract every registered adapter passes (a new method gets these tests by registering).
+
+@pytest.mark.parametrize("method", METHODS)
+def test_update_changes_exactly_the_collected_parameters(method: str, batch: torch.Tensor) -> None:
+    adapter = _adapter(method)
+    collected = {name for name, p in adapter.named_parameters() if any(p is q for q in adapter.params)}
+    before = _snapshot(adapter)
+    for _ in range(2):  # an adaptor starting at exact identity moves all its weights from the second step
+        adapter.update(batch)
+    assert _changed(before, adapter.state_dict()) == collected  # every tensor of the state dict compared
+    assert set(adapter.hparams) == set(type(adapter).defaults)
+    assert type(adapter).paradigm in PARADIGMS
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reset_restores_the_exact_state(method: str, batch: torch.Tensor) -> None:
+    adapter = _adapter(method)
+    initial = _snapshot(adapter)
+    torch.manual_seed(0)
+    first = adapter(batch)
+    adapter.adapt(batch, steps=2, batch_size=4)
+    adapter.reset()
+    assert _changed(initial, adapter.state_dict()) == set()
+    assert adapter.optimizer is None or adapter.optimizer.state_dict()["state"] == {}  # no leftover moments
+    torch.manual_seed(0)
+    assert torch.equal(adapter(batch), first)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("setting", ["episodic", "continual"])
+def test_runs_in_both_settings(method: str, setting: str, batch: torch.Tensor) -> None:
+    adapter = _adapter(method)
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        outputs.append(adapt_and_predict(adapter, batch, setting, steps=2, batch_size=4))
+    assert outputs[0].shape == (6, 4, 32, 32) and torch.isfinite(outputs[0]).all()
+    if setting == "episodic":  # reset per volume: the same volume gives the same answer
+        assert torch.equal(outputs[0], outputs[1])
+    elif adapter.params:  # no reset: the second pass sees the adapted model
+        assert not torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_hyper_parameters_reach_the_method(method: str) -> None:
+    cls = ADAPTERS.get(method)
+    for key, value in cls.defaults.items():
+        changed = value * 2 if isinstance(value, (int, float)) else value
+        adapter = _adapter(method, **{key: changed})
+        assert adapter.hparams[key] == changed
+        if key == "lr":
+            assert {g["lr"] for g in adapter.optimizer.param_groups} == {changed}
+    known = ", ".join(cls.defaults) or "none"
+    with pytest.raises(RegistryError, match=rf"{cls.__name__} has no hyper-parameter bogus \(known: {known}\)"):
+        _adapter(method, bogus=1)
 
 
 def test_tent_updates_exactly_the_batchnorm_affine_parameters(model: nn.Module, batch: torch.Tensor) -> None:
-    expected = _bn_affine_keys(model)
-    before = copy.deepcopy(model.state_dict())
+    layers = [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    expected = {f"model.{name}.{p}" for name in layers for p in ("weight", "bias")}
     tent = ADAPTERS.create("tent", model)
-    assert {id(p) for p in tent.params} == {id(p) for n, p in model.named_parameters() if n in expected}
+    before = _snapshot(tent)
     tent.update(batch)
-    assert _changed(before, model.state_dict()) == expected  # running statistics and conv weights untouched
+    assert _changed(before, tent.state_dict()) == expected  # running statistics and conv weights untouched
 
 
-def test_reset_restores_the_exact_state(model: nn.Module, batch: torch.Tensor) -> None:
-    tent = ADAPTERS.create("tent", model, lr=1e-2)
+def test_first_step_after_reset_is_the_first_step_of_a_fresh_adapter(model: nn.Module, batch: torch.Tensor) -> None:
     initial_state = copy.deepcopy(model.state_dict())
-    first = tent.predict(batch)
+    tent = ADAPTERS.create("tent", model, lr=1e-2)
     for _ in range(3):
         tent.update(batch)
-    assert not torch.equal(tent.predict(batch), first)
     tent.reset()
-    assert _changed(initial_state, model.state_dict()) == set()
-    assert torch.equal(tent.predict(batch), first)
-    assert tent.optimizer.state_dict()["state"] == {}  # Adam moments are gone too
-    tent.update(batch)  # and the first step after a reset is the first step of a fresh adapter
+    tent.update(batch)
     fresh = ADAPTERS.create("tent", copy.deepcopy(build_network("unet", 1, 4)), lr=1e-2)
     fresh.model.load_state_dict(initial_state)
     fresh.update(batch)
     assert torch.equal(fresh.predict(batch), tent.predict(batch))
+
+
+@pytest.mark.parametrize(("method", "part"), [("norm-net", "normalizer"), ("ttt-rot", "encoder"),
+                                               ("ttt-mae", "encoder")])
+def test_methods_update_the_part_their_paper_names(method: str, part: str) -> None:
+    adapter = _adapter(method)
+    assert {id(p) for p in adapter.params} == {id(p) for p in adapter.model.parts()[part]}
+
+
+def test_ae_tta_starts_as_the_source_model_and_adapts_only_its_adaptors(batch: torch.Tensor) -> None:
+    adapter = _adapter("ae-tta")
+    with torch.no_grad():
+        source = adapter.model(batch)
+    assert torch.allclose(adapter.predict(batch), source, atol=1e-5)  # identity-initialized adaptors
+    assert all(not n.startswith("model.") for n, p in adapter.named_parameters() if any(p is q for q in adapter.params))
 
 
 def test_bn_stats_normalizes_with_test_batch_statistics(model: nn.Module, batch: torch.Tensor) -> None:
@@ -92,11 +170,6 @@ def test_source_changes_nothing(model: nn.Module, batch: torch.Tensor) -> None:
     adapter = ADAPTERS.create("source", model)
     assert torch.equal(adapter(batch), expected)
     assert adapter.params == [] and _changed(before, model.state_dict()) == set()
-
-
-def test_unknown_hyper_parameter(model: nn.Module) -> None:
-    with pytest.raises(RegistryError, match="Tent has no hyper-parameter lrr \\(known: lr\\)"):
-        ADAPTERS.create("tent", model, lrr=0.1)
 
 
 def test_continual_predicts_before_updating(model: nn.Module, batch: torch.Tensor) -> None:

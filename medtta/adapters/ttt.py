@@ -1,0 +1,60 @@
+"""Test-time training: update the shared encoder of a Y-shaped network on its self-supervised loss alone.
+
+- `ttt-rot`: Sun et al., "Test-Time Training with Self-Supervision for Generalization under Distribution
+  Shifts", ICML 2020 (yueatsprograms/ttt_cifar_release): rotation prediction, 10 steps of SGD at lr 1e-3.
+- `ttt-mae`: Gandelsman et al., "Test-Time Training with Masked Autoencoders", NeurIPS 2022
+  (yossigandelsman/test_time_training_mae): masked reconstruction, 20 steps of SGD with momentum 0.9.
+
+Episodic is standard TTT (reset per volume, several steps); continual is online TTT (one step per batch, no
+reset). Every step draws fresh augmented copies (flips, and rotations or masks) of the batch's slices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from medtta.adapters.base import Adapter
+
+
+class TestTimeTraining(Adapter):
+    """Update only the shared encoder on the architecture's auxiliary loss; decoder and head stay frozen.
+
+    BatchNorm keeps its source statistics (eval mode), so only the encoder's weights move.
+    """
+
+    __test__ = False  # not a pytest class, despite the name
+    paradigm: ClassVar[str] = "feature"
+    logits_in_objective: ClassVar[bool] = False
+    momentum: ClassVar[float] = 0.0
+
+    def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
+        return model.parts()["encoder"]
+
+    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.hparams["lr"], momentum=self.momentum)
+
+    def objective(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.model.auxiliary_loss(x), None
+
+
+class RotationTTT(TestTimeTraining):
+    """TTT (Sun et al. 2020): adapt the encoder by predicting the rotation of the test slices; 10 SGD steps."""
+
+    architecture: ClassVar[str] = "unet-rotation"
+    defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3}
+    default_steps: ClassVar[int] = 10
+
+
+class MaskedTTT(TestTimeTraining):
+    """TTT-MAE (Gandelsman et al. 2022): adapt the encoder by reconstructing masked patches; 20 SGD steps.
+
+    The lr (5e-3) is ours: the paper tunes its own for a ViT-L encoder on ImageNet-C.
+    """
+
+    architecture: ClassVar[str] = "unet-mae"
+    defaults: ClassVar[dict[str, Any]] = {"lr": 5e-3}
+    default_steps: ClassVar[int] = 20
+    momentum: ClassVar[float] = 0.9

@@ -1,0 +1,100 @@
+"""The architecture interface: a source segmentation network that knows how it is trained on the source site.
+
+An architecture names four things: how it is built (`__init__` with in channels, classes and config), its
+source-training objective (`source_losses`), the models trained after it on source data (`post_training`,
+e.g. a denoising autoencoder of label maps) and the named parts adapters may update (`parts`). One training
+loop (`medtta.models.training`) serves them all. Architectures are plugins, registered through the
+`medtta.architectures` entry-point group like the adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+from medtta.registry import check_keys
+
+_SEGMENTATION_LOSS = DiceCELoss(to_onehot_y=True, softmax=True)
+
+SourceVolume = tuple[torch.Tensor, torch.Tensor]  # one source volume: (slices, 1, H, W) images, (slices, H, W) labels
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Dice + cross-entropy (MONAI) of (N, C, H, W) logits against (N, H, W) integer labels."""
+    return _SEGMENTATION_LOSS(logits, labels.unsqueeze(1))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A model trained after the segmentation network on the source site, with the network frozen.
+
+    `module` is the attribute of the architecture that holds it (and its checkpoint suffix); `loss` maps a
+    batch of source volumes to the stage's training loss, lower is better on the validation volumes too;
+    `config_keys` are the architecture config keys only this stage depends on (changing them retrains the stage,
+    not the network).
+    """
+
+    module: str
+    loss: Callable[[list[SourceVolume]], torch.Tensor]
+    epochs: int
+    lr: float
+    config_keys: tuple[str, ...] = ()
+    volumes_per_batch: int = 4
+
+
+class Architecture(nn.Module):
+    """A source segmentation network: `forward(x)` maps (N, 1, H, W) slices to (N, C, H, W) logits.
+
+    Subclasses declare their `defaults` (config with the paper's values) and override what differs.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, in_channels: int, n_classes: int, **config: Any) -> None:
+        super().__init__()
+        self.check_config(config)
+        self.in_channels = in_channels
+        self.n_classes = n_classes
+        self.config: dict[str, Any] = {**self.defaults, **config}
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any]) -> None:
+        """Fail, naming the known ones, when a config key is not this architecture's."""
+        check_keys(cls, config, "config key")
+
+    def source_losses(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weighted terms of the source-training objective on a batch of slices (their sum is minimized)."""
+        return {"segmentation": segmentation_loss(self(x), labels)}
+
+    def post_training(self) -> list[Stage]:
+        """Models trained after the network, in order, each cached with its own checkpoint."""
+        return []
+
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """Named groups of parameters adapters may update (`norm`, `encoder`, `decoder`, `aux`, ...)."""
+        raise NotImplementedError
+
+    def network_state(self) -> dict[str, torch.Tensor]:
+        """The state trained in source training, without the post-trained models (they have their own files)."""
+        stages = {stage.module for stage in self.post_training()}
+        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] not in stages}
+
+    def network_config(self) -> dict[str, Any]:
+        """The config source training depends on: all of it but the keys only a post-training stage uses."""
+        stage_keys = {k for stage in self.post_training() for k in stage.config_keys}
+        return {k: v for k, v in self.config.items() if k not in stage_keys}
+
+
+def batchnorm_params(module: nn.Module) -> list[nn.Parameter]:
+    """Affine parameters of every BatchNorm layer (test-time replacements included: they subclass _BatchNorm)."""
+    return [p for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+            for p in (m.weight, m.bias)]
+
+
+def params_of(modules: list[nn.Module]) -> list[nn.Parameter]:
+    return [p for m in modules for p in m.parameters()]

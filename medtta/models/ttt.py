@@ -1,0 +1,95 @@
+"""Y-shaped UNets for test-time training: the `unet` encoder shared by the segmentation decoder and a
+self-supervised auxiliary head, trained jointly on the source site.
+
+- `unet-rotation`: 4-way rotation prediction from the bottleneck (Sun et al., "Test-Time Training with
+  Self-Supervision for Generalization under Distribution Shifts", ICML 2020; yueatsprograms/ttt_cifar_release).
+- `unet-mae`: masked-image reconstruction, 75 % of the patches masked (Gandelsman et al., "Test-Time Training
+  with Masked Autoencoders", NeurIPS 2022; yossigandelsman/test_time_training_mae). The patch is the
+  bottleneck's stride, so each bottleneck position reconstructs one patch, as an MAE token does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medtta.models.base import segmentation_loss
+from medtta.models.unet import UNetModel
+
+
+def random_flips(x: torch.Tensor) -> torch.Tensor:
+    """Each slice flipped left-right and/or up-down at random: the augmented copies both TTT papers use."""
+    flip_h = torch.rand(len(x), device=x.device) < 0.5
+    flip_v = torch.rand(len(x), device=x.device) < 0.5
+    x = torch.where(flip_h[:, None, None, None], x.flip(-1), x)
+    return torch.where(flip_v[:, None, None, None], x.flip(-2), x)
+
+
+class AuxiliaryUNet(UNetModel):
+    """A `unet` with an auxiliary head on its encoder; subclasses define the head and `auxiliary_loss`."""
+
+    def auxiliary_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The self-supervised loss on (augmented copies of) a batch of slices."""
+        raise NotImplementedError
+
+    def source_losses(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"segmentation": segmentation_loss(self(x), labels),
+                "auxiliary": self.config["aux_weight"] * self.auxiliary_loss(x)}
+
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        return {**super().parts(), "aux": list(self.head.parameters())}
+
+
+class RotationUNet(AuxiliaryUNet):
+    """`unet` + a 4-way rotation classifier on the bottleneck (Sun et al. 2020)."""
+
+    defaults: ClassVar[dict[str, Any]] = {"aux_weight": 1.0}
+
+    def __init__(self, in_channels: int, n_classes: int, **config: Any) -> None:
+        super().__init__(in_channels, n_classes, **config)
+        self.head = nn.Sequential(nn.Conv2d(self.channels[-1], 64, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4))
+
+    def auxiliary_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the predicted rotation of flipped slices, each rotated by a random multiple of 90°.
+        Slices of one shape run through the encoder together (all of them when the slices are square)."""
+        rotations = torch.randint(0, 4, (len(x),), device=x.device)
+        rotated = [torch.rot90(s, k, dims=(-2, -1)) for s, k in zip(random_flips(x), rotations.tolist(), strict=True)]
+        losses = []
+        for shape in dict.fromkeys(r.shape for r in rotated):
+            chosen = [i for i, r in enumerate(rotated) if r.shape == shape]
+            logits = self.head(self.encode(torch.stack([rotated[i] for i in chosen]))[-1])
+            losses.append(F.cross_entropy(logits, rotations[chosen], reduction="sum"))
+        return torch.stack(losses).sum() / len(x)
+
+
+class MaskedUNet(AuxiliaryUNet):
+    """`unet` + a light head reconstructing masked patches from the bottleneck (Gandelsman et al. 2022)."""
+
+    defaults: ClassVar[dict[str, Any]] = {"aux_weight": 1.0, "mask_ratio": 0.75}
+
+    def __init__(self, in_channels: int, n_classes: int, **config: Any) -> None:
+        super().__init__(in_channels, n_classes, **config)
+        self.patch = 2 ** (len(self.channels) - 1)
+        self.head = nn.Sequential(nn.Conv2d(self.channels[-1], 64, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(64, in_channels * self.patch**2, 1), nn.PixelShuffle(self.patch))
+
+    def patch_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) mask, 1 on the `mask_ratio` of patches hidden from the encoder in each slice."""
+        n, _, h, w = x.shape
+        grid = (-(-h // self.patch), -(-w // self.patch))
+        scores = torch.rand(n, grid[0] * grid[1], device=x.device)
+        hidden = int(round(self.config["mask_ratio"] * scores.shape[1]))
+        mask = torch.zeros_like(scores).scatter_(1, scores.argsort(1)[:, :hidden], 1.0)
+        mask = mask.view(n, 1, *grid).repeat_interleave(self.patch, 2).repeat_interleave(self.patch, 3)
+        return mask[..., :h, :w]
+
+    def auxiliary_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean squared error on the masked pixels of flipped slices whose masked patches are zeroed."""
+        x = random_flips(x)
+        mask = self.patch_mask(x)
+        reconstruction = self.head(self.encode(x * (1 - mask))[-1])[..., : x.shape[-2], : x.shape[-1]]
+        return (((reconstruction - x) ** 2) * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,141 @@
+"""Architectures: the registry, the UNet run as encoder and decoder, the auxiliary tasks and corruptions, and one
+source-training loop with a cache per network and per post-training stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medtta.adapters.ae_tta import orthogonality_penalty
+from medtta.data.datasets import open_dataset
+from medtta.data.synthetic.cardiac import generate
+from medtta.errors import RegistryError
+from medtta.models import ARCHITECTURES, build_network
+from medtta.models.norm_net import squares_jigsaw
+from medtta.models.training import source_model
+from medtta.protocol import Training, resolve_protocol
+from medtta.registry import ADAPTERS
+
+# tiny stages: the DAE on a small grid, a few epochs
+TINY = {"unet-normalizer": {"dae_epochs": 2, "prior_size": [8, 32, 32]}, "unet-autoencoders": {"ae_epochs": 2}}
+
+
+def test_every_adapter_declares_a_registered_architecture() -> None:
+    assert set(ARCHITECTURES.list()) >= {"unet", "unet-normalizer", "unet-rotation", "unet-mae", "unet-autoencoders"}
+    assert {ADAPTERS.get(m).architecture for m in ADAPTERS.list()} <= set(ARCHITECTURES.list())
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES.list())
+def test_architectures_keep_the_unet_backbone(name: str) -> None:
+    torch.manual_seed(0)
+    net = build_network(name, 1, 3).eval()
+    x = torch.randn(2, 1, 64, 64)
+    assert net(x).shape == (2, 3, 64, 64)
+    backbone = build_network("unet", 1, 3).backbone
+    assert [p.shape for p in net.backbone.parameters()] == [p.shape for p in backbone.parameters()]
+    parts = net.parts()
+    assert {"norm", "encoder", "decoder"} <= set(parts)
+    stages = {stage.module for stage in net.post_training()}
+    assert all(key.split(".", 1)[0] not in stages for key in net.network_state())
+
+
+def test_encode_decode_is_monai_forward() -> None:
+    torch.manual_seed(0)
+    net = build_network("unet", 1, 4).eval()
+    x = torch.randn(3, 1, 64, 48)
+    features = net.encode(x)
+    assert [f.shape[1] for f in features] == [16, 32, 64, 128] and features[-1].shape[-2:] == (8, 6)
+    assert torch.equal(net.decode(features), net.backbone(x))
+
+
+def test_unknown_architecture_and_config_key() -> None:
+    with pytest.raises(RegistryError, match="unknown architecture 'nope'"):
+        build_network("nope", 1, 2)
+    with pytest.raises(RegistryError, match=r"NormalizerUNet has no config key dae_epoch \(known: prior_size, dae"):
+        build_network("unet-normalizer", 1, 2, dae_epoch=3)
+
+
+def test_squares_jigsaw_copies_boxes_within_each_volume() -> None:
+    labels = torch.zeros(2, 8, 32, 32, dtype=torch.long)
+    labels[0, :, 8:24, 8:24] = 1  # volume 0 has classes {0, 1}, volume 1 has {0, 2}
+    labels[1, :, 4:20, 10:30] = 2
+    onehot = F.one_hot(labels, 3).permute(0, 4, 1, 2, 3).float()
+    noisy = squares_jigsaw(onehot, max_boxes=8, max_radius=6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(noisy.sum(1), torch.ones(2, 8, 32, 32))  # still one label per voxel
+    assert not torch.equal(noisy, onehot)
+    assert noisy[0, 2].sum() == 0 and noisy[1, 1].sum() == 0  # labels only come from the same volume
+
+
+def test_mae_masks_the_ratio_of_whole_patches() -> None:
+    net = build_network("unet-mae", 1, 2)
+    mask = net.patch_mask(torch.zeros(3, 1, 64, 64))
+    patches = mask[:, 0, ::8, ::8]
+    assert torch.equal(mask, patches.repeat_interleave(8, 1).repeat_interleave(8, 2).unsqueeze(1))
+    assert (patches.flatten(1).sum(1) == 48).all()  # 75 % of the 64 patches of each slice
+
+
+@pytest.mark.parametrize("name", ["unet-rotation", "unet-mae"])
+def test_auxiliary_task_shares_the_encoder_and_not_the_decoder(name: str) -> None:
+    torch.manual_seed(0)
+    net = build_network(name, 1, 2).train()
+    x = torch.rand(4, 1, 32, 32)
+    assert set(net.source_losses(x, torch.zeros(4, 32, 32, dtype=torch.long))) == {"segmentation", "auxiliary"}
+    net.auxiliary_loss(x).backward()
+    parts = net.parts()
+    assert all(p.grad is not None for p in parts["encoder"] + parts["aux"])
+    assert all(p.grad is None for p in parts["decoder"])
+
+
+def test_orthogonality_penalty_is_zero_exactly_for_orthogonal_weights() -> None:
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    assert orthogonality_penalty(q[:, :, None, None]).item() == pytest.approx(0, abs=1e-10)
+    assert orthogonality_penalty(torch.eye(16)[:, :, None, None] * 2).item() == pytest.approx(9.0)  # (4 - 1)^2
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A tiny cardiac dataset and its protocol with 2 training epochs; the models are trained once per module."""
+    root = tmp_path_factory.mktemp("ds") / "tiny-cardiac"
+    generate(root, seed=1, cases={"A": 5, "B": 1}, splits={"A": [3, 1]})
+    protocol = dataclasses.replace(resolve_protocol(str(root), "A"), training=Training(epochs=2, batch_size=8))
+    return protocol, open_dataset(protocol), tmp_path_factory.mktemp("results")
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES.list())
+def test_source_training_is_cached_per_network_and_stage(name: str, tiny_source: tuple) -> None:
+    protocol, dataset, results = tiny_source
+    device = torch.device("cpu")
+    model, record = source_model(protocol, dataset, name, 0, results, device, TINY.get(name), progress=False)
+    assert not record["cached"] and 0 <= record["val_dice"] <= 1
+    stages = [stage.module for stage in model.post_training()]
+    assert list(record["stages"]) == stages
+    assert record["train_seconds"] == pytest.approx(record["seconds"] + sum(s["seconds"]
+                                                                           for s in record["stages"].values()))
+    files = sorted(Path(record["checkpoint"]).parent.glob(f"{name}-A-seed0-*.pt"))
+    assert len(files) == 1 + len(stages)
+    again, cached = source_model(protocol, dataset, name, 0, results, device, TINY.get(name), progress=False)
+    assert cached["cached"] and cached["val_dice"] == record["val_dice"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_changing_a_stage_setting_retrains_only_that_stage(tiny_source: tuple) -> None:
+    protocol, dataset, results = tiny_source
+    config = {**TINY["unet-normalizer"], "dae_epochs": 3}
+    _, first = source_model(protocol, dataset, "unet-normalizer", 0, results, torch.device("cpu"),
+                            TINY["unet-normalizer"], progress=False)
+    network_file = Path(first["checkpoint"])
+    mtime = network_file.stat().st_mtime_ns
+    model, record = source_model(protocol, dataset, "unet-normalizer", 0, results, torch.device("cpu"), config,
+                                 progress=False)
+    assert not record["cached"] and record["checkpoint"] == str(network_file)
+    assert network_file.stat().st_mtime_ns == mtime  # the network came from its cache
+    assert len(list(network_file.parent.glob(f"{network_file.stem}.dae-*.pt"))) == 2
+    assert json.loads(network_file.with_suffix(".json").read_text())["val_dice"] == record["val_dice"]
+    with pytest.raises(RegistryError, match="has no config key"):
+        source_model(protocol, dataset, "unet-normalizer", 0, results, torch.device("cpu"), {"dea_epochs": 1})
