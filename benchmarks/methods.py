@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--settings", nargs="+", default=["episodic", "continual"])
     parser.add_argument("--epochs", type=int, help="source-training epochs (default: each protocol's)")
-    parser.add_argument("--curve", nargs="+", type=int, default=[10, 25, 50, 100, 200],
+    parser.add_argument("--curve", nargs="*", type=int, default=[10, 25, 50, 100, 200],
                         help="norm-net updates per volume to measure on synth-mri")
     parser.add_argument("--curve-volumes", type=int, default=4, help="test volumes per site for the curve")
     parser.add_argument("--results", type=Path, help="results dir (default: a fresh temporary one)")

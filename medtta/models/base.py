@@ -79,10 +79,16 @@ class Architecture(nn.Module):
         """Named groups of parameters adapters may update (`norm`, `encoder`, `decoder`, `aux`, ...)."""
         raise NotImplementedError
 
+    def _in_network(self, name: str) -> bool:
+        return name.split(".", 1)[0] not in {stage.module for stage in self.post_training()}
+
+    def network_parameters(self) -> list[nn.Parameter]:
+        """The parameters trained in source training: all but the post-trained models'."""
+        return [p for name, p in self.named_parameters() if self._in_network(name)]
+
     def network_state(self) -> dict[str, torch.Tensor]:
         """The state trained in source training, without the post-trained models (they have their own files)."""
-        stages = {stage.module for stage in self.post_training()}
-        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] not in stages}
+        return {k: v for k, v in self.state_dict().items() if self._in_network(k)}
 
     def network_config(self) -> dict[str, Any]:
         """The config source training depends on: all of it but the keys only a post-training stage uses."""

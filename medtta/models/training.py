@@ -54,7 +54,8 @@ def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float,
             best = {"score": value, "epoch": epoch}
             best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         bar.set_postfix(score=f"{value:.4f}", best=f"{best['score']:.4f}")
-    module.load_state_dict(best_state)
+    if best_state is not None:  # zero epochs: the module as it was
+        module.load_state_dict(best_state)
     return {**best, "seconds": time.perf_counter() - start}
 
 
@@ -105,15 +106,14 @@ def train_network(model: Architecture, data: SourceData, seed: int, device: torc
     cfg = data.protocol.training
     images = torch.cat([x for x, _ in data.volumes["train"]])
     labels = torch.cat([y for _, y in data.volumes["train"]])
-    stage_modules = {stage.module for stage in model.post_training()}
-    params = [p for name, p in model.named_parameters() if name.split(".", 1)[0] not in stage_modules]
     rng = np.random.default_rng(seed)
 
     def batch_losses(epoch: int) -> Iterator[torch.Tensor]:
         for idx in _batches(len(images), cfg.batch_size, rng, min_size=2):  # a batch of one breaks BatchNorm
             yield sum(model.source_losses(images[idx].to(device), labels[idx].to(device)).values())
 
-    best = fit(model, params, cfg.epochs, cfg.lr, batch_losses, lambda: _validation_dice(model, data, device),
+    best = fit(model, model.network_parameters(), cfg.epochs, cfg.lr, batch_losses,
+               lambda: _validation_dice(model, data, device),
                f"training {type(model).__name__} on site {data.protocol.source_site}", progress)
     return {"val_dice": best["score"], "epoch": best["epoch"], "seconds": best["seconds"]}
 
