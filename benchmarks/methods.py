@@ -10,6 +10,7 @@ nothing.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import os
 import tempfile
@@ -32,11 +33,19 @@ from medtta.report import format_table
 METHODS = ["source", "bn-stats", "tent", "norm-net", "ttt-rot", "ttt-mae", "ae-tta"]
 
 
-class PeakRSS:
-    """Peak resident memory of this process above its level at entry, sampled every 2 ms (CPU runs)."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = self._rss()
+
+class PeakHeap:
+    """Peak bytes in use by malloc (glibc's mallinfo2: heap plus mmapped blocks, where CPU tensors live) above the
+    level at entry, sampled every millisecond; unlike RSS it sees memory the allocator reuses."""
+
+    def __enter__(self) -> PeakHeap:
+        self._libc = ctypes.CDLL("libc.so.6")
+        self._libc.mallinfo2.restype = _MallInfo2
+        self.base = self.peak = self._in_use()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -46,14 +55,13 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def _in_use(self) -> int:
+        info = self._libc.mallinfo2()
+        return info.uordblks + info.hblkhd
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._rss())
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._in_use())
 
     @property
     def mib(self) -> float:
@@ -66,7 +74,7 @@ def peak_memory_mib(fn, device: torch.device) -> float:
         base = torch.cuda.memory_allocated(device)
         fn()
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    with PeakRSS() as peak:
+    with PeakHeap() as peak:
         fn()
     return peak.mib
 
@@ -192,6 +200,9 @@ def main() -> None:
     parser.add_argument("--curve", nargs="*", type=int, default=[10, 25, 50, 100, 200],
                         help="norm-net updates per volume to measure on synth-mri")
     parser.add_argument("--curve-volumes", type=int, default=4, help="test volumes per site for the curve")
+    parser.add_argument("--tables", nargs="+", choices=["methods", "training", "cost"],
+                        default=["methods", "training", "cost"], help="which tables to print per protocol (training "
+                        "needs the methods table of the same run, or their models in --results)")
     parser.add_argument("--results", type=Path, help="results dir (default: a fresh temporary one)")
     args = parser.parse_args()
     device = resolve_device("auto")
@@ -200,15 +211,18 @@ def main() -> None:
         os.environ.setdefault("MEDTTA_DATA", f"{tmp}/data")
         for name in args.protocols:
             in_domain: dict[str, float] = {}
-            rows = method_table(name, args.methods, args.settings, results, args.epochs, in_domain)
-            print(f"\n== {name}: all methods ==\n" + format_table(
-                ["protocol", "method", "setting", "site", "in-domain", "source", "adapted", "recovery", "collapsed",
-                 "cost vs unadapted"], rows))
-            print(f"\n== {name}: source training per architecture ==")
-            print(training_table(name, results, args.epochs, in_domain, device))
-            print(f"\n== {name}: cost per update and peak memory ({device.type}) ==")
-            print(format_table(["protocol", "method", "steps", "update / TENT step", "episodic vs unadapted",
-                                "peak MiB"], cost_table(name, args.methods, results, device, args.epochs)))
+            if "methods" in args.tables:
+                rows = method_table(name, args.methods, args.settings, results, args.epochs, in_domain)
+                print(f"\n== {name}: all methods ==\n" + format_table(
+                    ["protocol", "method", "setting", "site", "in-domain", "source", "adapted", "recovery",
+                     "collapsed", "cost vs unadapted"], rows))
+            if "training" in args.tables:
+                print(f"\n== {name}: source training per architecture ==")
+                print(training_table(name, results, args.epochs, in_domain, device))
+            if "cost" in args.tables:
+                print(f"\n== {name}: cost per update and peak memory ({device.type}) ==")
+                print(format_table(["protocol", "method", "steps", "update / TENT step", "episodic vs unadapted",
+                                    "peak MiB"], cost_table(name, args.methods, results, device, args.epochs)))
         if args.curve:
             print("\n== norm-net on synth-mri: Dice against updates per volume ==")
             norm_net_curve("synth-mri", args.curve, args.curve_volumes, results, device, args.epochs)

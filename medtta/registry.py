@@ -15,11 +15,17 @@ from medtta.errors import RegistryError
 
 
 def check_keys(owner: type, given: dict[str, Any], noun: str) -> None:
-    """Fail, naming the known ones, when a key of `given` is not in `owner.defaults`."""
+    """Fail, naming the known ones, when a key of `given` is not in `owner.defaults`, or when a number is expected
+    and something else is given."""
     unknown = sorted(set(given) - set(owner.defaults))
     if unknown:
         known = ", ".join(owner.defaults) or "none"
         raise RegistryError(f"{owner.__name__} has no {noun} {', '.join(unknown)} (known: {known})")
+    for key, value in given.items():
+        default = owner.defaults[key]
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise RegistryError(f"{owner.__name__} {noun} {key} expects a number, got {value!r}")
 
 
 class Registry:

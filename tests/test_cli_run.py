@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from medtta.cli.main import main
+from medtta.cli.main import _parse_params, main
 from medtta.data.synthetic.cardiac import generate
 from medtta.metrics import dice_recovery
 
@@ -135,6 +135,8 @@ def test_list_commands() -> None:
         (["run", "-m", "tent", "-d", "synth-mri", "-a", "depth=5"],
          "Error: UNetModel has no config key depth (known: none)"),
         (["run", "-m", "tent", "-d", "synth-mri", "-a", "depth"], "'depth' is not KEY=VALUE"),
+        (["run", "-m", "tent", "-d", "synth-mri", "-p", "lr=fast"],
+         "Error: Tent hyper-parameter lr expects a number, got 'fast'"),
         (["run", "-m", "tent", "-d", "nope"], "Error: --dataset 'nope' is neither a protocol"),
         (["run", "-m", "tent", "-d", "synth-mri", "-p", "lrr=1"], "Error: Tent has no hyper-parameter lrr"),
     ],
@@ -155,6 +157,11 @@ def test_run_of_a_method_with_its_own_architecture(dataset: Path, results: Path)
     assert parent.data.params["hp.refresh"] == "10" and parent.data.params["steps"] == "2"
     assert {"source_val_dice", "source_train_seconds", "source_dae_val_loss"} <= set(parent.data.metrics)
     assert len(list((results / "models" / "synth-mri").glob("unet-normalizer-*.pt"))) == 2  # network, DAE
+
+
+def test_params_parse_as_yaml_with_exponents_as_numbers() -> None:
+    assert _parse_params(("lr=1e-3", "refresh=5", "prior_size=[8, 32, 32]", "name=x")) == {
+        "lr": 0.001, "refresh": 5, "prior_size": [8, 32, 32], "name": "x"}
 
 
 def test_folder_needs_source_site(dataset: Path) -> None:

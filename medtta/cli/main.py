@@ -40,7 +40,11 @@ def _parse_params(values: tuple[str, ...], option: str = "--param") -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"'{item}' is not KEY=VALUE", param_hint=option)
-        params[key] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            params[key] = float(value) if isinstance(value, str) else value
+        except ValueError:
+            params[key] = value
     return params
 
 
