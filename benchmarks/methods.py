@@ -167,7 +167,7 @@ def cost_table(protocol_name: str, methods: list[str], results: Path, device: to
 
 def norm_net_curve(protocol_name: str, steps: list[int], volumes: int, results: Path, device: torch.device,
                    epochs: int | None) -> list[list[str]]:
-    """Recovery of norm-net against its updates per volume, on the first `volumes` test volumes of each site."""
+    """Dice of norm-net against its updates per volume, on the first `volumes` test volumes of each site."""
     protocol = load_protocol(protocol_name, epochs)
     dataset = open_dataset(protocol)
     model, _ = source_model(protocol, dataset, ADAPTERS.get("norm-net").architecture, 0, results, device,

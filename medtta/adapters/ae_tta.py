@@ -96,12 +96,7 @@ class AutoencoderTTA(Adapter):
         best_loss, best_state = float("inf"), None
         for _ in range(steps):
             state = {k: v.clone() for k, v in self.state_dict().items() if not k.startswith("model.")}
-            loss = 0.0
-            with torch.enable_grad():
-                for b in torch.split(x, batch_size):
-                    weighted = self.objective(b)[0] * len(b) / len(x)
-                    weighted.backward()
-                    loss += float(weighted.detach())
+            loss = self.accumulate(x, batch_size, lambda _, b: self.objective(b)[0])
             if loss > best_loss:  # early stopping: back to the adaptors before the last update
                 self.load_state_dict(best_state, strict=False)
                 self.optimizer.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ test time), `collect_params` (what is trained), `loss` (the unsupervised objecti
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -93,6 +94,18 @@ class Adapter(nn.Module):
         for _ in range(steps):
             for b in torch.split(x, batch_size):
                 self.update(b)
+
+    def accumulate(self, x: torch.Tensor, batch_size: int,
+                   batch_loss: Callable[[int, torch.Tensor], torch.Tensor]) -> float:
+        """Backpropagate `batch_loss(i, batch)` over the batches of one volume's slices `x`, each weighted by its
+        share of the slices, so that the next optimizer step is one update per pass; returns the pass's loss."""
+        total = 0.0
+        with torch.enable_grad():
+            for i, b in enumerate(torch.split(x, batch_size)):
+                weighted = batch_loss(i, b) * len(b) / len(x)
+                weighted.backward()
+                total += float(weighted.detach())
+        return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predict, then update (as online TENT does): the prediction never saw its own batch's gradient."""

@@ -55,9 +55,7 @@ class NormNet(Adapter):
         for step in range(steps):
             if step % self.hparams["refresh"] == 0:
                 targets = self._refresh(batches, best)
-            with torch.enable_grad():
-                for b, t in zip(batches, targets, strict=True):
-                    (self.dice(self.model(b).softmax(1), t) * len(b) / len(x)).backward()
+            self.accumulate(x, batch_size, lambda i, b, t=targets: self.dice(self.model(b).softmax(1), t[i]))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self._refresh(batches, best)  # scores the last state too
