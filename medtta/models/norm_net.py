@@ -27,7 +27,7 @@ class GaussianActivation(nn.Module):
         self.scale = nn.Parameter(torch.randn(1, channels, 1, 1) * 0.05 + 0.2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-(x**2) / self.scale**2)
+        return torch.exp(-(x / self.scale).square())
 
 
 class Normalizer(nn.Module):
@@ -105,7 +105,7 @@ class NormalizerUNet(UNetModel):
 
     defaults: ClassVar[dict[str, Any]] = {
         "prior_size": (16, 64, 64),  # the DAE's 3D grid (depth, height, width)
-        "dae_epochs": 60, "dae_lr": 1e-3,
+        "dae_epochs": 30, "dae_lr": 3e-3,  # validation loss 0.116 against 0.110 with 60 at 1e-3, at half the time
         "jigsaw_boxes": 12, "jigsaw_radius": 6,  # Karani: 200 boxes of half-side <= 10 on 64x256x256
     }
 
