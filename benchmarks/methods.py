@@ -181,9 +181,10 @@ def norm_net_curve(protocol_name: str, steps: list[int], volumes: int, results: 
         for n in [0, *steps]:
             seed_everything(0)
             start = time.perf_counter()
-            scores = [volume_dice(to_native(adapt_and_predict(adapter, x, "episodic", n, 32), v,
-                                            protocol.preprocessing), torch.as_tensor(v.label), protocol.labels)["dice"]
-                      for x, v in zip(inputs, volumes_, strict=True)]
+            predictions = [to_native(adapt_and_predict(adapter, x, "episodic", n, 32), v, protocol.preprocessing)
+                           for x, v in zip(inputs, volumes_, strict=True)]
+            scores = [volume_dice(pred, torch.as_tensor(v.label), protocol.scored_labels)["dice"]
+                      for pred, v in zip(predictions, volumes_, strict=True)]
             dice[n] = mean(scores)
             seconds = (time.perf_counter() - start) / len(inputs)
             rows.append([site, str(n), f"{dice[n]:.3f}", f"{dice[n] - dice[0]:+.3f}", f"{seconds:.1f}"])

@@ -60,6 +60,7 @@ class RunResult:
     config: RunConfig
     setting: str
     dice_in_domain: float
+    in_domain_cases: int  # the source test cases the in-domain Dice rests on
     sites: list[SiteResult]
     run_id: str
     tracking_uri: str
@@ -174,13 +175,15 @@ class Engine:
         uri = tracking_uri(c.tracking_uri, self.results)
         tracker = Tracker(uri, p.name, self.results / "mlartifacts" if uri.startswith("sqlite:") else None)
         tags = self.tags()
-        with tracker.run(f"{c.method} seed={c.seed}", tags, self.params()) as run_id:
+        source_tests = dataset.cases_of(p.source_site, "test")
+        params = {**self.params(), "in_domain_cases": len(source_tests)}
+        with tracker.run(f"{c.method} seed={c.seed}", tags, params) as run_id:
             model, record = source_model(p, dataset, self.adapter_cls.architecture, c.seed, self.results,
                                          self.device, c.arch_config, c.progress)
             tracker.log_metrics({"source_val_dice": record["val_dice"], "source_train_seconds": record["train_seconds"],
                                  **{f"source_{name}_val_loss": stage["val_loss"]
                                     for name, stage in record["stages"].items()}})
-            in_domain = self._in_domain_dice(model, dataset.cases_of(p.source_site, "test"))
+            in_domain = self._in_domain_dice(model, source_tests)
             tracker.log_metrics({"dice_in_domain": in_domain})
             seed_everything(c.seed)
             adapter = ADAPTERS.create(c.method, copy.deepcopy(model), **c.hparams).to(self.device)
@@ -200,7 +203,7 @@ class Engine:
                 sites.append(SiteResult(site, log.rows, summary))
             tracker.log_metrics({key: mean([s.summary[key] for s in sites])
                                  for key in ("dice", "dice_source", "dice_recovery", "seconds_per_volume")})
-        return RunResult(p, c, self.setting, in_domain, sites, run_id, uri, out_dir)
+        return RunResult(p, c, self.setting, in_domain, len(source_tests), sites, run_id, uri, out_dir)
 
     def _in_domain_dice(self, model: torch.nn.Module, cases: list[Case]) -> float:
         p, scores = self.protocol, []
@@ -210,7 +213,7 @@ class Engine:
             logits = predict_unadapted(model, image_slices(volume, p.preprocessing).to(self.device),
                                        self.config.batch_size)
             scores.append(volume_dice(to_native(logits, volume, p.preprocessing), torch.as_tensor(volume.label),
-                                      p.labels)["dice"])
+                                      p.scored_labels)["dice"])
         return mean(scores)
 
     def _evaluate_case(self, case: Case, site: str, model: torch.nn.Module, adapter: Adapter) -> dict[str, Any]:
@@ -222,10 +225,11 @@ class Engine:
                                  self.device)
         reference = torch.as_tensor(volume.label)
         pred = to_native(logits, volume, p.preprocessing)
-        source_dice = volume_dice(to_native(source_logits, volume, p.preprocessing), reference, p.labels)["dice"]
+        source_dice = volume_dice(to_native(source_logits, volume, p.preprocessing), reference, p.scored_labels)["dice"]
         return {"case_id": case.case_id, "site": site, "dice_source": source_dice,
-                **volume_metrics(pred, reference, p.labels, volume.spacing),
-                "collapsed": collapsed(pred, reference), "seconds": seconds, "seconds_source": source_seconds}
+                **volume_metrics(pred, reference, p.scored_labels, volume.spacing),
+                "collapsed": collapsed(pred, reference, p.scored_labels), "seconds": seconds,
+                "seconds_source": source_seconds}
 
     def _summarize(self, rows: list[dict[str, Any]], in_domain: float) -> dict[str, float]:
         keys = [k for k in rows[0] if k.startswith(("dice", "hd95"))] if rows else []

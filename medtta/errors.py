@@ -1,4 +1,5 @@
-"""Errors caused by the user's input: the CLI prints them as one line and exits with code 2."""
+"""Errors caused by the user's input: the CLI prints them as one line and exits with code 2. Warnings about
+it (`MedttaWarning`) are printed as one line and the command goes on."""
 
 from __future__ import annotations
 
@@ -20,3 +21,7 @@ class RegistryError(MedttaError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class MedttaWarning(UserWarning):
+    """Something the user should know about their data or protocol that does not stop the command."""

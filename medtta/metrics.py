@@ -8,35 +8,42 @@ import warnings
 import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
-from monai.networks.utils import one_hot
 
 
-def _one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    return one_hot(labels[None, None].long(), num_classes=n_classes)
+def _masks(labels: torch.Tensor, values: list[int]) -> torch.Tensor:
+    """(1, K, ...) binary masks of a label map, one channel per label value in `values`."""
+    return torch.stack([labels == v for v in values])[None].float()
+
+
+def _foreground(labels: dict[str, int]) -> dict[str, int]:
+    return {name: value for name, value in labels.items() if value > 0}
 
 
 def volume_metrics(pred: torch.Tensor, reference: torch.Tensor, labels: dict[str, int],
                    spacing: tuple[float, ...]) -> dict[str, float]:
-    """Dice per foreground label (`dice_<name>`), their mean (`dice`) and the mean 95th-percentile
+    """Dice per scored foreground label (`dice_<name>`), their mean (`dice`) and the mean 95th-percentile
     Hausdorff distance in mm (`hd95`) of one volume. A label absent from the reference is left out of
     the means (its Dice is NaN); a label missing from either side has no HD95."""
-    n = len(labels)
-    p, r = _one_hot(pred, n), _one_hot(reference, n)
+    values = list(_foreground(labels).values())
     out = volume_dice(pred, reference, labels)
     with warnings.catch_warnings():  # MONAI warns for every empty class; the NaN carries that
         warnings.simplefilter("ignore")
-        hd = compute_hausdorff_distance(p, r, include_background=False, percentile=95, spacing=list(spacing))[0]
+        hd = compute_hausdorff_distance(_masks(pred, values), _masks(reference, values), include_background=True,
+                                        percentile=95, spacing=list(spacing))[0]
     hd = torch.where(torch.isfinite(hd), hd, torch.nan)
     out["hd95"] = _nanmean(hd)
     return out
 
 
 def volume_dice(pred: torch.Tensor, reference: torch.Tensor, labels: dict[str, int]) -> dict[str, float]:
-    """Dice per foreground label (`dice_<name>`, NaN when absent from the reference) and their mean (`dice`)."""
-    n = len(labels)
-    dice = compute_dice(_one_hot(pred, n), _one_hot(reference, n), include_background=False, ignore_empty=True,
-                        num_classes=n)[0]
-    out = {f"dice_{name}": float(dice[i - 1]) for name, i in labels.items() if i > 0}
+    """Dice per foreground label of `labels` (`dice_<name>`, NaN when absent from the reference) and their mean
+    (`dice`). Only the labels given are scored: a protocol passes its `scored_labels`, so labels without ground
+    truth at its sites count nowhere."""
+    scored = _foreground(labels)
+    values = list(scored.values())
+    dice = compute_dice(_masks(pred, values), _masks(reference, values), include_background=True,
+                        ignore_empty=True)[0]
+    out = {f"dice_{name}": float(d) for name, d in zip(scored, dice, strict=True)}
     out["dice"] = _nanmean(dice)
     return out
 
@@ -46,9 +53,10 @@ def _nanmean(values: torch.Tensor) -> float:
     return float(values.mean()) if len(values) else math.nan
 
 
-def collapsed(pred: torch.Tensor, reference: torch.Tensor) -> bool:
-    """A prediction has collapsed when a foreground label of the reference is absent from it entirely."""
-    missing = set(torch.unique(reference).tolist()) - set(torch.unique(pred).tolist()) - {0}
+def collapsed(pred: torch.Tensor, reference: torch.Tensor, labels: dict[str, int]) -> bool:
+    """A prediction has collapsed when a scored foreground label of the reference is absent from it entirely."""
+    scored = set(_foreground(labels).values())
+    missing = (set(torch.unique(reference).tolist()) - set(torch.unique(pred).tolist())) & scored
     return bool(missing)
 
 

@@ -33,6 +33,7 @@ class Preprocessing:
     intensity: str = "mr"  # mr: percentile clip + z-score; ct: HU window; oct: percentile min-max
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     window: tuple[float, float] = (-160.0, 240.0)
+    slice_axis: int = 2  # the array axis (x, y, z as loaded) a 3D volume is cut along: its acquisition plane
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,14 @@ class Protocol:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     training: Training = field(default_factory=Training)
     manifest: str | None = None  # CSV of the expected cases (case_id, site, split[, checksums]), beside the YAML
+    evaluate_labels: tuple[str, ...] | None = None  # the labels scored at every site; None: all foreground labels
     source: str = "<built in>"
+
+    @property
+    def scored_labels(self) -> dict[str, int]:
+        """The foreground labels Dice, recovery and collapse are computed on."""
+        names = self.evaluate_labels or [n for n, v in self.labels.items() if v > 0]
+        return {n: self.labels[n] for n in names}
 
     def with_sites(self, source_site: str | None, target_sites: tuple[str, ...] | None) -> Protocol:
         """A copy with another source site and/or target sites (targets default to the other sites)."""
@@ -122,6 +130,10 @@ def parse_protocol(raw: Any, path: Path) -> Protocol:
     if preprocessing.intensity not in INTENSITY_SCHEMES.values():
         raise _fail(path, f"field 'preprocessing.intensity' must be one of {', '.join(INTENSITY_SCHEMES.values())}, "
                           f"got '{preprocessing.intensity}'")
+    if preprocessing.slice_axis not in (0, 1, 2):
+        raise _fail(path, f"field 'preprocessing.slice_axis' must be 0, 1 or 2 (an axis of the x-y-z array), "
+                          f"got {preprocessing.slice_axis!r}")
+    evaluate = _evaluate_labels(path, raw, labels)
     split = raw.get("split") or {}
     fractions = tuple(split.get("fractions", (0.7, 0.15, 0.15)))
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6:
@@ -140,8 +152,24 @@ def parse_protocol(raw: Any, path: Path) -> Protocol:
         preprocessing=preprocessing,
         training=_section(path, raw, "training", Training),
         manifest=raw.get("manifest"),
+        evaluate_labels=evaluate,
         source=str(path),
     )
+
+
+def _evaluate_labels(path: Path, raw: dict, labels: dict) -> tuple[str, ...] | None:
+    """The optional `evaluate_labels` list: foreground label names of `labels`, at least one."""
+    if "evaluate_labels" not in raw:
+        return None
+    names = raw["evaluate_labels"]
+    foreground = [str(n) for n, v in labels.items() if v != 0]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise _fail(path, "field 'evaluate_labels' must be a non-empty list of label names")
+    unknown = [n for n in names if n not in foreground]
+    if unknown:
+        raise _fail(path, f"field 'evaluate_labels' names {unknown}, not foreground labels of 'labels' "
+                          f"(known: {', '.join(foreground)})")
+    return tuple(names)
 
 
 def load_protocol(path: str | Path) -> Protocol:

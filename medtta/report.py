@@ -22,10 +22,13 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def summary_table(result: RunResult) -> str:
-    """Per target site: Dice before and after adaptation, in-domain Dice, recovery, cost."""
-    header = ["site", "cases", "dice_source", "dice_adapted", "dice_in_domain", "recovery", "s/volume", "collapsed"]
+    """Per target site: Dice before and after adaptation, in-domain Dice (with its number of source test cases),
+    recovery, cost."""
+    header = ["site", "cases", "dice_source", "dice_adapted", "dice_in_domain (cases)", "recovery", "s/volume",
+              "collapsed"]
+    in_domain = f"{_fmt(result.dice_in_domain)} ({result.in_domain_cases})"
     rows = [[s.site, str(int(s.summary["cases"])), _fmt(s.summary.get("dice_source", math.nan)),
-             _fmt(s.summary.get("dice", math.nan)), _fmt(result.dice_in_domain), _fmt(s.summary["dice_recovery"]),
+             _fmt(s.summary.get("dice", math.nan)), in_domain, _fmt(s.summary["dice_recovery"]),
              _fmt(s.summary["seconds_per_volume"], 2), str(int(s.summary["collapsed_cases"]))]
             for s in result.sites]
     return format_table(header, rows)

@@ -61,7 +61,8 @@ def runs_of(results: Path, experiment: str = "medtta/synth-mri") -> list:
 def test_run_logs_parent_and_child_runs(dataset: Path, results: Path) -> None:
     code, out, err = invoke(*run_args(dataset, results, "--method", "tent"))
     assert code == 0, err
-    assert "site  cases  dice_source  dice_adapted  dice_in_domain  recovery" in out
+    assert "site  cases  dice_source  dice_adapted  dice_in_domain (cases)  recovery" in out
+    assert "Warning: source site 'A' has only 1 test case(s)" in err  # 6 cases, 4 train and 1 val
     assert f"mlflow ui --backend-store-uri {uri(results)}" in out
     runs = runs_of(results)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -77,6 +78,7 @@ def test_run_logs_parent_and_child_runs(dataset: Path, results: Path) -> None:
     assert parent.data.tags["medtta.version"]
     assert parent.data.params["steps"] == "1" and parent.data.params["hp.lr"] == "0.001"
     assert parent.data.params["batch_size"] == "32" and parent.data.params["setting"] == "episodic"
+    assert parent.data.params["in_domain_cases"] == "1"
     for child in children:
         m = child.data.metrics
         assert SITE_METRICS <= set(m), SITE_METRICS - set(m)
@@ -202,8 +204,8 @@ def test_bad_case_fails_the_run_and_keeps_evaluated_cases(dataset: Path, results
         nib.save(nib.Nifti1Image(data, image.affine), str(image_path))
     own_store = tmp_path / "store"  # own MLflow store, shared model cache (the training files are unchanged)
     code, _, err = invoke(*run_args(copy, results, "--method", "bn-stats", "--tracking-uri", uri(own_store)))
-    assert code == 2 and message in err and "Traceback" not in err
-    assert err.strip().count("\n") == 0  # one line
+    errors = [line for line in err.splitlines() if not line.startswith("Warning: ")]
+    assert code == 2 and errors == [f"Error: {errors[0][7:]}"] and message in err and "Traceback" not in err
     runs = runs_of(own_store)
     assert {r.info.status for r in runs} == {"FAILED", "FINISHED"}
     by_site = {r.data.tags["medtta.site"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}

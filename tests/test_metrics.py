@@ -54,6 +54,17 @@ def test_recovery() -> None:
 
 def test_collapse() -> None:
     pred, ref = _volumes()
-    assert not collapsed(pred, ref)
+    assert not collapsed(pred, ref, LABELS)
     pred[pred == 2] = 0
-    assert collapsed(pred, ref)
+    assert collapsed(pred, ref, LABELS)
+    assert not collapsed(pred, ref, {"a": 1})  # label b is not scored
+
+
+def test_only_the_scored_labels_count() -> None:
+    """A protocol's `evaluate_labels` leaves labels without ground truth out of Dice, its mean and HD95."""
+    pred, ref = _volumes()
+    pred[0, 0, 0] = 3  # a label the reference never has (as AMOS MRI lacks bladder)
+    all_labels = {**LABELS, "c": 3}
+    assert volume_dice(pred, ref, all_labels)["dice"] == pytest.approx((2 / 3 + 1) / 2)  # c: NaN, left out
+    d = volume_metrics(pred, ref, {"b": 2}, spacing=(1.0, 1.0, 1.0))
+    assert set(d) == {"dice_b", "dice", "hd95"} and d["dice"] == pytest.approx(1.0) and d["hd95"] == 0.0

@@ -50,6 +50,10 @@ def _write(tmp_path: Path, **changes) -> Path:
         ({"preprocessing": {"intensity": "pet"}}, "field 'preprocessing.intensity' must be one of mr, ct, oct"),
         ({"dataset": {"nothing": 1}}, "field 'dataset' needs exactly one of"),
         ({"split": {"fractions": [0.5, 0.5, 0.5]}}, "field 'split.fractions'"),
+        ({"preprocessing": {"slice_axis": 3}}, "field 'preprocessing.slice_axis' must be 0, 1 or 2"),
+        ({"evaluate_labels": "LV"}, "field 'evaluate_labels' must be a non-empty list of label names"),
+        ({"evaluate_labels": ["LV", "background", "lv"]}, "field 'evaluate_labels' names \\['background', 'lv'\\], "
+                                                          "not foreground labels of 'labels' \\(known: LV, MYO, RV\\)"),
     ],
 )
 def test_malformed_protocol_names_file_and_field(tmp_path: Path, changes: dict, message: str) -> None:
@@ -57,6 +61,13 @@ def test_malformed_protocol_names_file_and_field(tmp_path: Path, changes: dict, 
     with pytest.raises(ProtocolError, match=message) as err:
         load_protocol(path)
     assert str(err.value).startswith(str(path))
+
+
+def test_scored_labels(tmp_path: Path) -> None:
+    """Every foreground label is scored unless the protocol lists the evaluated ones."""
+    assert resolve_protocol("synth-mri").scored_labels == {"LV": 1, "MYO": 2, "RV": 3}
+    p = load_protocol(_write(tmp_path, evaluate_labels=["RV", "LV"]))
+    assert p.evaluate_labels == ("RV", "LV") and p.scored_labels == {"RV": 3, "LV": 1}
 
 
 def test_invalid_yaml(tmp_path: Path) -> None:

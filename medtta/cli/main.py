@@ -4,24 +4,40 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
 import yaml
 
 from medtta import __version__
-from medtta.errors import MedttaError
+from medtta.errors import MedttaError, MedttaWarning
 
 
 class MedttaGroup(click.Group):
-    """Turns user errors into one line on stderr and exit code 2, without a traceback."""
+    """Turns user errors into one line on stderr and exit code 2, without a traceback; prints our warnings as
+    one line too."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except MedttaError as err:
-            click.echo(f"Error: {err}", err=True)
-            sys.exit(2)
+        with warnings.catch_warnings():  # restores the filters and printer when the command ends
+            warnings.simplefilter("always", MedttaWarning)
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except MedttaError as err:
+                click.echo(f"Error: {err}", err=True)
+                sys.exit(2)
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, *args, **kwargs) -> None:
+    """Our warnings as one line on stderr, like our errors; the others as Python prints them."""
+    if issubclass(category, MedttaWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, *args, **kwargs)
 
 
 @click.group(cls=MedttaGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -35,16 +35,23 @@ def intensity_transform(prep: Preprocessing) -> Compose:
     raise ValueError(f"unknown intensity scheme '{prep.intensity}'")
 
 
-def _as_slices(array: np.ndarray) -> np.ndarray:
-    """(X, Y[, Z]) -> (Z, X, Y): slices along the last axis; a 2D image is one slice."""
-    return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+def _as_slices(array: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """A 3D array as slices along the protocol's `slice_axis`, first: (X, Y, Z) -> (Z, X, Y) for axis 2;
+    a 2D image is one slice."""
+    return array[None] if array.ndim == 2 else np.moveaxis(array, prep.slice_axis, 0)
+
+
+def _in_plane(values: tuple, ndim: int, prep: Preprocessing) -> tuple:
+    """The entries of a volume's shape or spacing that belong to its slices (all but the slice axis)."""
+    return tuple(values[:2]) if ndim == 2 else tuple(v for i, v in enumerate(values[:3]) if i != prep.slice_axis)
 
 
 def resampled_shape(volume: Volume, prep: Preprocessing) -> tuple[int, int]:
     """In-plane shape of a slice at the protocol's spacing; `size` itself when the protocol fixes none."""
     if prep.spacing is None:
         return tuple(prep.size)
-    shape, spacing = volume.image.shape[:2], volume.spacing[:2]
+    ndim = volume.image.ndim
+    shape, spacing = _in_plane(volume.image.shape, ndim, prep), _in_plane(volume.spacing, ndim, prep)
     return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, prep.spacing, strict=True))
 
 
@@ -59,13 +66,13 @@ def _fit(slices: torch.Tensor, volume: Volume, prep: Preprocessing, mode: str) -
 
 def image_slices(volume: Volume, prep: Preprocessing) -> torch.Tensor:
     """Normalized slices of a volume at network size, as a (slices, 1, H, W) float tensor."""
-    normalized = intensity_transform(prep)(_as_slices(volume.image)[None])[0]
+    normalized = intensity_transform(prep)(_as_slices(volume.image, prep)[None])[0]
     return _fit(torch.as_tensor(normalized), volume, prep, "bilinear").float().unsqueeze(1).contiguous()
 
 
 def label_slices(volume: Volume, prep: Preprocessing) -> torch.Tensor:
     """Labels brought to network size like `image_slices` (nearest neighbour), as a (slices, H, W) long tensor."""
-    return _fit(torch.as_tensor(_as_slices(volume.label)), volume, prep, "nearest").long()
+    return _fit(torch.as_tensor(_as_slices(volume.label, prep)), volume, prep, "nearest").long()
 
 
 def to_native(logits: torch.Tensor, volume: Volume, prep: Preprocessing) -> torch.Tensor:
@@ -76,6 +83,8 @@ def to_native(logits: torch.Tensor, volume: Volume, prep: Preprocessing) -> torc
         flat = logits.float().reshape(n_slices * n_classes, *logits.shape[2:])
         flat = convert_to_tensor(ResizeWithPadOrCrop(resampled_shape(volume, prep))(flat), track_meta=False)
         logits = flat.reshape(n_slices, n_classes, *flat.shape[1:])
-    resized = F.interpolate(logits.float(), size=volume.label.shape[:2], mode="bilinear", align_corners=False)
-    labels = resized.argmax(1).cpu()  # (slices, X, Y)
-    return labels[0] if volume.label.ndim == 2 else labels.permute(1, 2, 0)
+    ndim = volume.label.ndim
+    resized = F.interpolate(logits.float(), size=_in_plane(volume.label.shape, ndim, prep), mode="bilinear",
+                            align_corners=False)
+    labels = resized.argmax(1).cpu()  # slices first
+    return labels[0] if ndim == 2 else labels.movedim(0, prep.slice_axis)

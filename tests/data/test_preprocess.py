@@ -45,6 +45,21 @@ def test_resampling_to_spacing_keeps_physical_size() -> None:
     assert (back == torch.as_tensor(volume.label)).float().mean() > 0.98
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_slice_axis(axis: int) -> None:
+    """A volume cut along another axis gives the same slices as the same volume with that axis moved last, and
+    comes back in its own orientation."""
+    last = _volume((100, 80, 3), (0.5, 0.5, 4.0))
+    spacing = list(last.spacing[:2])
+    spacing.insert(axis, last.spacing[2])
+    moved = Volume("v", np.moveaxis(last.image, 2, axis), np.moveaxis(last.label, 2, axis), tuple(spacing))
+    prep_last = Preprocessing(size=(64, 64), spacing=(1.0, 1.0))
+    prep = Preprocessing(size=(64, 64), spacing=(1.0, 1.0), slice_axis=axis)
+    assert resampled_shape(moved, prep) == resampled_shape(last, prep_last) == (50, 40)
+    assert torch.equal(image_slices(moved, prep), image_slices(last, prep_last))
+    assert torch.equal(_round_trip(moved, prep), _round_trip(last, prep_last).movedim(2, axis))
+
+
 def test_what_is_cropped_away_comes_back_as_background() -> None:
     volume = _volume((100, 80, 3), (1.0, 1.0, 4.0))
     prep = Preprocessing(size=(64, 64), spacing=(1.0, 1.0))  # 100 x 80 cropped to 64 x 64 around the centre
