@@ -205,7 +205,11 @@ def assign_splits(dataset: Dataset, source_site: str, seed: int, fractions: tupl
 def write_case(root: Path, case_id: str, image: np.ndarray, label: np.ndarray,
                spacing: tuple[float, ...] = (1.0, 1.0, 1.0), *, affine: np.ndarray | None = None) -> None:
     """Write one case's image and label as NIfTI into the layout, with `affine` (from the source file)
-    or, without one, an axis-aligned affine of `spacing`."""
+    or, without one, an axis-aligned affine of `spacing`.
+
+    The sform keeps the affine exactly (nibabel reads it). When its direction cosines are not orthonormal (as in
+    some M&Ms scans), which SimpleITK refuses, the qform holds the nearest rotation and zooms, so that SimpleITK
+    reads the file too."""
     if affine is None:
         affine = np.diag([*spacing, *([1.0] * (3 - len(spacing))), 1.0])
     for folder, name, array in (
@@ -213,7 +217,15 @@ def write_case(root: Path, case_id: str, image: np.ndarray, label: np.ndarray,
         ("labelsTr", f"{case_id}.nii.gz", label.astype(np.uint8)),
     ):
         (root / folder).mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(array, affine), str(root / folder / name))
+        nifti = nib.Nifti1Image(array, affine)
+        if not _orthonormal(affine):
+            nifti.set_qform(affine, code=1)
+        nib.save(nifti, str(root / folder / name))
+
+
+def _orthonormal(affine: np.ndarray) -> bool:
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return np.allclose(directions.T @ directions, np.eye(3), rtol=0, atol=1e-9)
 
 
 def write_metadata(

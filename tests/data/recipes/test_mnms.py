@@ -24,12 +24,14 @@ SUBJECTS = {
     "A2C0I1": ("Training/Labeled", "B", "Philips", 1, 3),
     "C5U5U5": ("Training/Unlabeled", "C", "GE", 0, 2),
     "D1V1V1": ("Validation", "D", "Canon", 0, 2),
+    "A3V3V3": ("Validation", "A", "Siemens", 1, 3),
     "C2T2T2": ("Testing", "C", "GE", 0, 4),
 }
 # (case, site, split): Training/Labeled subjects by the recipe's fixed per-subject rule, then Validation, Testing
 EXPECTED = [("A0S9V9_ED", "A", "train"), ("A0S9V9_ES", "A", "train"),
             ("A1D0Q7_ED", "A", "val"), ("A1D0Q7_ES", "A", "val"),
             ("A2C0I1_ED", "B", "train"), ("A2C0I1_ES", "B", "train"),
+            ("A3V3V3_ED", "A", "test"), ("A3V3V3_ES", "A", "test"),
             ("D1V1V1_ED", "D", "test"), ("D1V1V1_ES", "D", "test"),
             ("C2T2T2_ED", "C", "test"), ("C2T2T2_ES", "C", "test")]
 
@@ -70,7 +72,7 @@ def source_file(download: Path, code: str, gt: bool) -> Path:
 
 def test_prepare_converts_official_layout(download: Path, tmp_path: Path) -> None:
     out = tmp_path / "data" / "mnms"  # $MEDTTA_DATA/mnms: where the protocol looks
-    checks.assert_prepared(checks.prepare("mnms", download, out), "mnms", 10)
+    checks.assert_prepared(checks.prepare("mnms", download, out), "mnms", 12)
 
     assert checks.read_sites(out) == [["case_id", "site", "split"], *map(list, EXPECTED)]
 
@@ -92,7 +94,7 @@ def test_prepare_converts_official_layout(download: Path, tmp_path: Path) -> Non
     dataset = open_dataset(list_protocols()["mnms"])  # every protocol site is there; the recipe's splits are kept
     assert [(c.case_id, c.site, c.split) for c in dataset.cases] == EXPECTED
 
-    checks.assert_rerun_skips("mnms", download, out, 10)
+    checks.assert_rerun_skips("mnms", download, out, 12)
 
 
 def test_older_release_layout(download: Path, tmp_path: Path) -> None:
@@ -107,6 +109,27 @@ def test_older_release_layout(download: Path, tmp_path: Path) -> None:
     result = checks.prepare("mnms", download, tmp_path / "mnms")
     assert result.exit_code == 0, result.output
     assert checks.read_sites(tmp_path / "mnms") == [["case_id", "site", "split"], *map(list, EXPECTED)]
+
+
+def test_direction_cosines_that_are_not_orthonormal(download: Path, tmp_path: Path) -> None:
+    """Some M&Ms Validation/Testing scans have direction cosines that are not orthonormal, which SimpleITK
+    refuses (nnU-Net's converter skips them). medtta keeps them: prepare, check and the engine read them with
+    nibabel, and SimpleITK reads the prepared files."""
+    import SimpleITK as sitk
+
+    sheared = np.array([[1.25, 0.05, 0, -100], [0, 1.25, 0, -120], [0, 0.02, 10, 30], [0, 0, 0, 1.0]])
+    for gt in (False, True):
+        path = source_file(download, "D1V1V1", gt)
+        nib.save(nib.Nifti1Image(np.asanyarray(nib.load(path).dataobj), sheared), str(path))
+    with pytest.raises(RuntimeError, match="orthonormal"):  # the download itself, as SimpleITK sees it
+        sitk.ReadImage(str(source_file(download, "D1V1V1", False)))
+    out = tmp_path / "mnms"
+    checks.assert_prepared(checks.prepare("mnms", download, out), "mnms", 12)
+    checks.assert_check_passes(out)
+    written = out / "imagesTr" / "D1V1V1_ED_0000.nii.gz"
+    np.testing.assert_allclose(nib.load(written).affine, sheared)  # exact for nibabel
+    image = sitk.ReadImage(str(written))
+    assert image.GetSize() == (8, 8, 3) and np.allclose(image.GetOrigin(), (100, 120, 30))  # LPS
 
 
 def drop_label(download: Path) -> str:
