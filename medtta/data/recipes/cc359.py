@@ -18,6 +18,7 @@ the source site.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -25,7 +26,7 @@ import numpy as np
 
 from medtta.data.recipes.base import Recipe, SourceCase, read_image
 from medtta.data.recipes.download import nifti_files
-from medtta.errors import DataError
+from medtta.errors import DataError, MedttaWarning
 
 SITES = ("ge_15", "ge_3", "philips_15", "philips_3", "siemens_15", "siemens_3")
 _IMAGE = re.compile(r"(CC\d{4})_(ge|philips|siemens)_(15|3)_\d+_[mf]", re.IGNORECASE)
@@ -44,8 +45,26 @@ def binarize(mask: nib.Nifti1Image, path: Path) -> nib.Nifti1Image:
 
 def _add(found: dict[str, Path], key: str, path: Path) -> None:
     if key in found:
-        raise DataError(f"{path}: same file as {found[key]} (keep one of the two)")
+        raise DataError(f"{path}: same file name as {found[key]} (keep one of the two; the T1 images belong in "
+                        "a folder named Original)")
     found[key] = path
+
+
+def _in_original(path: Path, download: Path) -> bool:
+    return any(part.lower() == "original" for part in path.relative_to(download).parts[:-1])
+
+
+def _without_look_alikes(download: Path, files: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """When the download has an Original/ folder, files named like its images elsewhere (the WM-GM-CSF tissue
+    masks are named exactly like them) are not images: leave them out, saying which folders were ignored."""
+    if not any(_IMAGE.fullmatch(stem) and _in_original(path, download) for stem, path in files):
+        return files
+    look_alikes = [(stem, path) for stem, path in files if _IMAGE.fullmatch(stem) and not _in_original(path, download)]
+    for folder in sorted({path.parent for _, path in look_alikes}):
+        warnings.warn(f"{folder}: ignored, its files are named like the T1 images of Original/ (the WM-GM-CSF "
+                      "tissue masks are); the brain masks come from Silver-standard/ or STAPLE/", MedttaWarning,
+                      stacklevel=2)
+    return [item for item in files if item not in look_alikes]
 
 
 class CC359Recipe(Recipe):
@@ -60,7 +79,7 @@ class CC359Recipe(Recipe):
         files = nifti_files(download, recursive=True)
         images: dict[str, Path] = {}
         masks: dict[str, dict[str, Path]] = {kind: {} for kind in MASK_KINDS}
-        for stem, path in files:
+        for stem, path in _without_look_alikes(download, files):
             if m := _MASK.fullmatch(stem):
                 _add(masks[m.group(5).lower()], m.group(1).lower(), path)
             elif _IMAGE.fullmatch(stem):

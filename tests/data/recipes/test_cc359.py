@@ -92,6 +92,21 @@ def test_staple_masks_are_thresholded_and_ss_preferred(build: Callable[..., Path
     np.testing.assert_array_equal(written_label(tmp_path / "both", "CC0001"), ss)
 
 
+def test_tissue_masks_named_like_the_images_are_ignored(build: Callable[..., Path], tmp_path: Path,
+                                                         write_nifti: Callable[..., Path]) -> None:
+    """The WM-GM-CSF masks carry the image file names; unpacked under --from, prepare says it ignores them."""
+    download = build()
+    for stem in STEMS[:2]:
+        write_nifti(download / "WM-GM-CSF" / f"{stem}.nii.gz", np.full((8, 8, 3), 3, np.uint8), SPACING)
+    result = checks.prepare("cc359", download, tmp_path / "cc359")
+    checks.assert_prepared(result, "cc359", 7)
+    assert result.stderr.strip() == (f"Warning: {download / 'WM-GM-CSF'}: ignored, its files are named like the T1 "
+                                     "images of Original/ (the WM-GM-CSF tissue masks are); the brain masks come "
+                                     "from Silver-standard/ or STAPLE/")
+    image = np.asanyarray(nib.load(tmp_path / "cc359" / "imagesTr" / "CC0001_0000.nii.gz").dataobj)
+    np.testing.assert_array_equal(image, np.asanyarray(nib.load(image_path(download, STEMS[0])).dataobj))
+
+
 def drop_mask(download: Path) -> str:
     (download / "CC359" / "Silver-standard" / f"{STEMS[2]}_ss.nii.gz").unlink()
     return f"Silver-standard/{STEMS[2]}_ss.nii.gz: missing label file"
