@@ -16,8 +16,10 @@ Manufacturer's Model Name, Manufacturer, Acquisition Date, Site` (ids unpadded; 
 other characters than letters and digits turned into `-`, e.g. `CT-SIEMENS-SOMATOM-Force`, `MR-Philips-Ingenia`.
 
 Splits: Va and labelled Ts cases are `test`; Tr cases get no split, so that the engine splits the source
-scanner's Tr cases into train/val (and at least one test case) with the protocol's seed, while at every other
-site all cases are adaptation targets. The official validation set thus stays a held-out test set everywhere.
+scanner's Tr cases with the protocol's seed and fractions (the AMOS protocols give them no test share: the source's
+Va cases are its test cases), while at every other site all cases are adaptation targets. The official validation
+set thus stays a held-out test set everywhere. The labelled cases per scanner, counted from the real id lists, are
+in the protocols' headers and `protocols/manifests/amos.csv`.
 
 Tolerated variants: `--from` may be the folder holding `amos22/` (the archive unpacked where it was downloaded)
 or `amos22/` itself, or hold it one level deeper; the metadata CSV is looked for in `--from`, the dataset folder
@@ -25,7 +27,8 @@ and the folder above it under any name starting with `labeled_data_meta` (e.g. a
 `labeled_data_meta-fix.csv`), or given with `--sites PATH`; its header may differ in case and punctuation.
 The released CSV lists id 500 twice (an Optima CT540 CT row and an Ingenia MRI row) and has no row for 600:
 a duplicated id keeps the row whose scanner matches the modality of the id, and the left-over MRI row of id 500
-is read as the row of 600, the only MRI id without one (see `ERRATA`; an inference, not an official erratum).
+is read as the row of 600, the only MRI id without one (see `ERRATA`; an inference, not an official erratum,
+which `prepare` prints as a warning when it applies it).
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 from pathlib import Path
 
 from medtta.data.recipes.base import Recipe, SourceCase
-from medtta.errors import DataError
+from medtta.errors import DataError, MedttaWarning
 
 #: the AMOS label values and, as medtta names, the organs of AMOS's dataset.json (which spells "arota",
 #: "gall bladder" and "postcava" for the inferior vena cava)
@@ -157,6 +161,10 @@ class ScannerTable:
         rows = self.rows.get(amos_id, [])
         if not rows and amos_id in ERRATA:
             rows = [r for r in self.rows.get(ERRATA[amos_id], []) if KNOWN_SCANNERS.get(r[1]) == modality]
+            if rows:
+                warnings.warn(f"{self.path}: no row for amos_id {amos_id}; its scanner ({rows[0][1]}) is read from the "
+                              f"{modality} row of id {ERRATA[amos_id]} at line {rows[0][2]}, which the CSV lists twice "
+                              "(an inference, not an official erratum)", MedttaWarning, stacklevel=2)
         if not rows:
             raise DataError(f"{self.path}: no row for amos_id {amos_id} (case amos_{amos_id:04d})")
         fitting = [r for r in rows if KNOWN_SCANNERS.get(r[1], modality) == modality]

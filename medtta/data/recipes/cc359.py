@@ -10,7 +10,9 @@
 The site is the scanner: vendor and field strength from the file name (`ge_15`, `ge_3`, `philips_15`,
 `philips_3`, `siemens_15`, `siemens_3`). `_ss` masks are used when the download has them, else `_staple` masks
 (never a mix); a mask is brain where its value is above 0.5, which leaves 0/1 masks unchanged and thresholds
-STAPLE probabilities. Other files of the release (hippocampus, white-matter, manual masks) are ignored.
+STAPLE probabilities. Other files of the release (hippocampus, manual masks) are ignored; the WM-GM-CSF tissue
+masks carry the image file names, so when an Original/ folder exists, image-named files outside it are ignored
+with a warning naming their folder.
 The dataset has no official train/test partition: cases get no split and the protocol's seeded rule splits
 the source site.
 """

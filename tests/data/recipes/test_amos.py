@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import nibabel as nib
@@ -71,7 +72,11 @@ def download(tmp_path: Path, write_nifti) -> tuple[Path, dict[str, np.ndarray]]:
 def test_prepare_end_to_end(download, tmp_path: Path) -> None:
     root, labels = download
     out = tmp_path / "amos"
-    checks.assert_prepared(checks.prepare("amos", root, out), "amos", 7)
+    result = checks.prepare("amos", root, out)
+    checks.assert_prepared(result, "amos", 7)
+    assert result.stderr.strip() == (  # amos_0600, by inference from the CSV's second row of id 500
+        f"Warning: {root / 'labeled_data_meta_0000_0599.csv'}: no row for amos_id 600; its scanner (Ingenia) is read "
+        "from the MR row of id 500 at line 9, which the CSV lists twice (an inference, not an official erratum)")
 
     assert checks.read_sites(out) == EXPECTED_SITES
     assert not (out / "imagesTr" / "amos_0003_0000.nii.gz").exists()  # Ts without a label
@@ -153,3 +158,21 @@ def test_protocols_match_the_recipes() -> None:
     assert all(s.startswith("MR-") for s in protocols["amos-ct2mr"].target_sites)
     assert protocols["amos-ct"].preprocessing.intensity == "ct"
     assert protocols["amos-ct2mr"].preprocessing.intensity == "mr"
+    # MRI is scored without bladder and prostate/uterus, the in-domain CT Dice too
+    assert set(AmosRecipe.labels) - set(protocols["amos-ct2mr"].scored_labels) == {
+        "background", "bladder", "prostate_uterus"}
+
+
+def test_targets_have_enough_labelled_cases() -> None:
+    """The manifest (the real labelled id lists) gives every AMOS target scanner at least 20 labelled cases and
+    the source scanner test cases (its Va cases); the GE Optima scanners have none."""
+    from medtta.data.checks import expected_cases
+
+    protocols = list_protocols()
+    manifest = expected_cases(protocols["amos-ct"])
+    assert len(manifest) == 360 and expected_cases(protocols["amos-ct2mr"]) == manifest
+    labelled = Counter(row["site"] for row in manifest.values())
+    assert labelled["CT-GE-Optima-CT540"] == labelled["CT-GE-Optima-CT660"] == 0
+    for p in (protocols["amos-ct"], protocols["amos-ct2mr"]):
+        assert all(labelled[site] >= 20 for site in p.target_sites), p.name
+        assert sum(r["site"] == p.source_site and r["split"] == "test" for r in manifest.values()) == 50

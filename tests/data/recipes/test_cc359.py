@@ -11,6 +11,8 @@ import pytest
 import recipe_checks as checks
 
 from medtta.data.datasets import open_dataset
+from medtta.data.layout import load_volume
+from medtta.data.preprocess import image_slices
 from medtta.protocol import list_protocols
 
 SPACING = (1.0, 1.0, 1.2)
@@ -75,6 +77,9 @@ def test_prepare_converts_official_layout(build: Callable[..., Path], tmp_path: 
 
     dataset = open_dataset(list_protocols()["cc359"])  # every protocol site is there; philips_3 gets split
     assert sorted(c.split for c in dataset.cases_of("philips_3")) == ["test", "val"]
+    protocol = list_protocols()["cc359"]  # sagittal slices: along axis 0 of the (8, 8, 3) volumes
+    volume = load_volume(dataset.cases[0], protocol.labels)
+    assert image_slices(volume, protocol.preprocessing).shape == (8, 1, 256, 256)
 
     checks.assert_rerun_skips("cc359", download, out, 7)
 

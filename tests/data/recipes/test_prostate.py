@@ -108,3 +108,21 @@ def no_site_folders(download: Path) -> str:
 def test_corrupted_download_fails_with_one_line(download: Path, tmp_path: Path, corrupt: Callable[[Path], str]) -> None:
     expected = corrupt(download)
     checks.assert_one_line_error(checks.prepare("prostate", download, tmp_path / "prostate"), expected)
+
+
+def test_verify_names_cases_outside_samls_lists(download: Path, tmp_path: Path, write_nifti) -> None:
+    """The protocol's manifest holds SAML's 116 case ids (BIDMC without Case02): `data verify` names a BIDMC
+    Case02 the download may hold, and every listed case that is missing."""
+    from click.testing import CliRunner
+
+    from medtta.cli.main import main
+
+    for name in ("Case02.nii.gz", "Case02_segmentation.nii.gz"):
+        write_nifti(download / "Processed_data_nii" / "BIDMC" / name, np.zeros((8, 8, 3), np.uint8))
+    out = tmp_path / "prostate"
+    assert checks.prepare("prostate", download, out).exit_code == 0
+    result = CliRunner().invoke(main, ["data", "verify", str(out), "--protocol", "prostate"])
+    problems = result.stderr.splitlines()
+    assert result.exit_code == 2 and "case 'BIDMC_Case02': not in protocol 'prostate'" in problems
+    assert "case 'BIDMC_Case01': missing (expected at site BIDMC)" in problems
+    assert problems[-1] == f"{116 - 7 + 1} problem(s) found"  # 109 listed cases missing, Case02 extra
