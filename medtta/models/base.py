@@ -9,7 +9,8 @@ loop (`medtta.models.training`) serves them all. Architectures are plugins, regi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -100,6 +101,24 @@ def batchnorm_params(module: nn.Module) -> list[nn.Parameter]:
     """Affine parameters of every BatchNorm layer (test-time replacements included: they subclass _BatchNorm)."""
     return [p for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
             for p in (m.weight, m.bias)]
+
+
+@contextmanager
+def running_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of `module` still normalize with the batch's statistics in training mode, but leave their
+    running statistics (what evaluation uses) as they are: for passes on inputs unlike the real ones."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(layers, saved, strict=True):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def params_of(modules: list[nn.Module]) -> list[nn.Parameter]:

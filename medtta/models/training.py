@@ -29,7 +29,7 @@ from medtta.models import build_network
 from medtta.models.base import Architecture, SourceVolume, Stage
 from medtta.protocol import Protocol
 
-TRAINING_VERSION = 2
+TRAINING_VERSION = 3  # 3: auxiliary passes keep the BatchNorm running statistics
 
 
 def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float,

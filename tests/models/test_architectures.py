@@ -3,6 +3,7 @@ source-training loop with a cache per network and per post-training stage."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -89,6 +90,20 @@ def test_auxiliary_task_shares_the_encoder_and_not_the_decoder(name: str) -> Non
     parts = net.parts()
     assert all(p.grad is not None for p in parts["encoder"] + parts["aux"])
     assert all(p.grad is None for p in parts["decoder"])
+
+
+@pytest.mark.parametrize("name", ["unet-rotation", "unet-mae"])
+def test_auxiliary_pass_leaves_the_running_statistics_to_the_real_slices(name: str) -> None:
+    """BatchNorm running statistics after a source-training step are those of the real slices alone: the masked or
+    rotated copies of the auxiliary pass normalize with their own batch statistics and are not averaged in."""
+    torch.manual_seed(0)
+    net = build_network(name, 1, 2).train()
+    plain = copy.deepcopy(net)
+    x = torch.rand(4, 1, 32, 32)
+    net.source_losses(x, torch.zeros(4, 32, 32, dtype=torch.long))
+    plain(x)
+    assert all(torch.equal(a, b) for a, b in zip(net.backbone.buffers(), plain.backbone.buffers(), strict=True))
+    assert {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}  # restored
 
 
 def test_orthogonality_penalty_is_zero_exactly_for_orthogonal_weights() -> None:
