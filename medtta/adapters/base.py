@@ -61,6 +61,11 @@ class Adapter(nn.Module):
         """The parameters updated at test time (default: none); the base class makes them trainable."""
         return []
 
+    def tracked_state(self) -> set[str]:
+        """Names in `state_dict()` that an update changes besides the collected parameters (a teacher's moving
+        average, a memory bank); everything else stays as it was."""
+        return set()
+
     def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.hparams["lr"], betas=(0.9, 0.999))
 
