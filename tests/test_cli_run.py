@@ -124,8 +124,8 @@ def test_list_commands() -> None:
     assert out.splitlines()[1].startswith("bn-stats") and len(out.splitlines()) == 2
     code, out, _ = invoke("list", "architectures")
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
-    assert rows["unet"][0] == "bn-stats,source,tent" and rows["unet-autoencoders"][:3] == [
-        "ae-tta", "ae_epochs=30", "ae_lr=0.001"]
+    assert rows["unet"][0] == "bn-stats,cotta,mean-teacher,pseudo-label,sar,source,tent,tta-aug"
+    assert rows["unet-autoencoders"][:3] == ["ae-tta", "ae_epochs=30", "ae_lr=0.001"]
     code, out, _ = invoke("list", "protocols")
     assert code == 0 and "synth-mri" in out and "A -> B, C, D" in out
 

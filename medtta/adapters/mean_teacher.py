@@ -12,6 +12,7 @@ from torch import nn
 
 from medtta.adapters.base import Adapter, use_batch_statistics
 from medtta.adapters.views import View, mean_probabilities
+from medtta.models.base import weights_under_batch_statistics
 
 
 class MeanTeacher(Adapter):
@@ -31,10 +32,10 @@ class MeanTeacher(Adapter):
         self.teacher = copy.deepcopy(model)
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
-        return list(model.parameters())
+        return weights_under_batch_statistics(model)
 
     def tracked_state(self) -> set[str]:
-        return {f"teacher.{name}" for name, _ in self.teacher.named_parameters()}
+        return {f"teacher.{name}" for name, _ in self.teacher.named_parameters()}  # moves with the student
 
     def targets(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """What the student learns from: the teacher's class probabilities."""
@@ -53,10 +54,16 @@ class MeanTeacher(Adapter):
         self.after_step()
         return logits
 
+    def paired(self, copy_of_model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(parameter of a copy of the model, the model's own) for every collected parameter."""
+        collected = {id(p) for p in self.params}
+        return [(theirs, ours) for theirs, ours in zip(copy_of_model.parameters(), self.model.parameters(), strict=True)
+                if id(ours) in collected]
+
     @torch.no_grad()
     def after_step(self) -> None:
         rate = self.hparams["ema"]
-        for teacher, student in zip(self.teacher.parameters(), self.params, strict=True):
+        for teacher, student in self.paired(self.teacher):
             teacher.mul_(rate).add_(student, alpha=1 - rate)
 
     @torch.no_grad()
@@ -93,5 +100,5 @@ class CoTTA(MeanTeacher):
     @torch.no_grad()
     def after_step(self) -> None:
         super().after_step()
-        for weight, source in zip(self.params, self.anchor.parameters(), strict=True):
+        for source, weight in self.paired(self.anchor):
             weight.copy_(torch.where(torch.rand_like(weight) < self.hparams["restore"], source, weight))

@@ -10,7 +10,7 @@ from torch import nn
 
 from medtta.adapters.base import Adapter, use_batch_statistics
 from medtta.errors import RegistryError
-from medtta.models.base import batchnorm_params
+from medtta.models.base import batchnorm_params, weights_under_batch_statistics
 
 PARAMETER_SETS = ("norm", "all")
 
@@ -36,7 +36,7 @@ class PseudoLabel(Adapter):
         use_batch_statistics(model)
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
-        return batchnorm_params(model) if self.hparams["params"] == "norm" else list(model.parameters())
+        return batchnorm_params(model) if self.hparams["params"] == "norm" else weights_under_batch_statistics(model)
 
     def loss(self, logits: torch.Tensor) -> torch.Tensor:
         confidence, labels = logits.detach().softmax(1).max(1)

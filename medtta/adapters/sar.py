@@ -73,7 +73,7 @@ class SAR(Adapter):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if reliable.any():
-            self._recover(float(loss), self.hparams["reset_below"] * max_entropy)
+            self._recover(float(loss.detach()), self.hparams["reset_below"] * max_entropy)
         return logits.detach()
 
     @torch.no_grad()

@@ -14,23 +14,23 @@ from medtta.errors import RegistryError
 class TestTimeAugmentation(Adapter):
     """Average the softmax over flipped, rotated and contrast-changed views, each mapped back; no weight changes.
 
-    The baseline that tells whether adapting weights beats not adapting them. Views: the 8 flips and quarter
-    turns of the slice, plus the identity at contrast 1 - `contrast` and 1 + `contrast` (around each slice's
-    mean), so 10 forward passes per batch by default. The logits returned are the log of the averaged
-    probabilities.
+    The baseline that tells whether adapting weights beats not adapting them. Views: the slice and its mirror
+    image (`flip`), each at its 4 quarter turns (`rotations`), plus the slice at contrast 1 - `contrast` and
+    1 + `contrast` (around each slice's mean): 10 forward passes per batch by default. The logits returned are the
+    log of the averaged probabilities.
     """
 
     paradigm: ClassVar[str] = "output"
-    defaults: ClassVar[dict[str, Any]] = {"rotations": 4, "flip": True, "contrast": 0.1}
+    defaults: ClassVar[dict[str, Any]] = {"flip": True, "rotations": True, "contrast": 0.1}
 
     def __init__(self, model: torch.nn.Module, **hparams: Any) -> None:
         super().__init__(model, **hparams)
         h = self.hparams
-        if h["rotations"] not in (1, 2, 3, 4) or not 0 <= h["contrast"] < 1:
-            raise RegistryError(f"{type(self).__name__}: rotations must be 1 to 4 (got {h['rotations']}) and "
-                                f"contrast in [0, 1) (got {h['contrast']})")
+        if not 0 <= h["contrast"] < 1:
+            raise RegistryError(f"{type(self).__name__} hyper-parameter contrast must be in [0, 1), "
+                                f"got {h['contrast']}")
         flips = (False, True) if h["flip"] else (False,)
-        self.views = [View(turns, flip) for turns in range(int(h["rotations"])) for flip in flips]
+        self.views = [View(turns, flip) for turns in range(4 if h["rotations"] else 1) for flip in flips]
         if h["contrast"]:
             self.views += [View(contrast=1 - h["contrast"]), View(contrast=1 + h["contrast"])]
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 from monai.losses import DiceCELoss
+from monai.networks.blocks import Convolution
 from torch import nn
 
 from medtta.registry import check_keys
@@ -119,6 +120,16 @@ def running_statistics_kept(module: nn.Module) -> Iterator[None]:
             m.momentum = momentum
             if tracked is not None:
                 m.num_batches_tracked.copy_(tracked)
+
+
+def weights_under_batch_statistics(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter but the conv biases a BatchNorm cancels when it normalizes with batch statistics (in MONAI
+    `Convolution` blocks, conv then norm): their gradient is zero up to rounding, which Adam would blow up into
+    steps of full size."""
+    inert = {id(block.conv.bias) for block in model.modules() if isinstance(block, Convolution)
+             and block.conv.bias is not None and isinstance(getattr(getattr(block, "adn", None), "N", None),
+                                                             nn.modules.batchnorm._BatchNorm)}
+    return [p for p in model.parameters() if id(p) not in inert]
 
 
 def params_of(modules: list[nn.Module]) -> list[nn.Parameter]:

@@ -35,9 +35,10 @@ def read_sites(out: Path) -> list[list[str]]:
 
 
 def assert_one_line_error(result: Result, *fragments: str) -> None:
-    """The run failed with exit code 2 and a single `Error: ` line on stderr holding every fragment, no traceback."""
+    """The run failed with exit code 2 and a single `Error: ` line on stderr (besides any `Warning: ` lines) holding
+    every fragment, no traceback."""
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("Warning: ")]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert "Traceback" not in result.output
     for fragment in fragments:
