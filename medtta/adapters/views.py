@@ -34,8 +34,9 @@ class View:
 
     def invert(self, y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Per-pixel outputs (N, C, h, w) of the viewed slices mapped back onto the original grid `size`."""
-        if y.shape[-2:] != torch.Size(size[::-1] if self.turns % 2 else size):
-            y = F.interpolate(y, size=size[::-1] if self.turns % 2 else size, mode="bilinear", align_corners=False)
+        turned = size[::-1] if self.turns % 2 else size  # the grid the view was on before its scale
+        if y.shape[-2:] != torch.Size(turned):
+            y = F.interpolate(y, size=turned, mode="bilinear", align_corners=False)
         y = torch.rot90(y, -self.turns, (-2, -1))
         return y.flip(-1) if self.flip else y
 

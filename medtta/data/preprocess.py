@@ -41,17 +41,17 @@ def _as_slices(array: np.ndarray, prep: Preprocessing) -> np.ndarray:
     return array[None] if array.ndim == 2 else np.moveaxis(array, prep.slice_axis, 0)
 
 
-def _in_plane(values: tuple, ndim: int, prep: Preprocessing) -> tuple:
-    """The entries of a volume's shape or spacing that belong to its slices (all but the slice axis)."""
-    return tuple(values[:2]) if ndim == 2 else tuple(v for i, v in enumerate(values[:3]) if i != prep.slice_axis)
+def _in_plane(values: tuple, prep: Preprocessing) -> tuple:
+    """The entries of a volume's shape or spacing (one per axis) that belong to its slices: all of a 2D image's,
+    all but the slice axis of a 3D volume's."""
+    return tuple(values) if len(values) == 2 else tuple(v for i, v in enumerate(values) if i != prep.slice_axis)
 
 
 def resampled_shape(volume: Volume, prep: Preprocessing) -> tuple[int, int]:
     """In-plane shape of a slice at the protocol's spacing; `size` itself when the protocol fixes none."""
     if prep.spacing is None:
         return tuple(prep.size)
-    ndim = volume.image.ndim
-    shape, spacing = _in_plane(volume.image.shape, ndim, prep), _in_plane(volume.spacing, ndim, prep)
+    shape, spacing = _in_plane(volume.image.shape, prep), _in_plane(volume.spacing, prep)
     return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, prep.spacing, strict=True))
 
 
@@ -83,8 +83,7 @@ def to_native(logits: torch.Tensor, volume: Volume, prep: Preprocessing) -> torc
         flat = logits.float().reshape(n_slices * n_classes, *logits.shape[2:])
         flat = convert_to_tensor(ResizeWithPadOrCrop(resampled_shape(volume, prep))(flat), track_meta=False)
         logits = flat.reshape(n_slices, n_classes, *flat.shape[1:])
-    ndim = volume.label.ndim
-    resized = F.interpolate(logits.float(), size=_in_plane(volume.label.shape, ndim, prep), mode="bilinear",
+    resized = F.interpolate(logits.float(), size=_in_plane(volume.label.shape, prep), mode="bilinear",
                             align_corners=False)
     labels = resized.argmax(1).cpu()  # slices first
-    return labels[0] if ndim == 2 else labels.movedim(0, prep.slice_axis)
+    return labels[0] if volume.label.ndim == 2 else labels.movedim(0, prep.slice_axis)

@@ -59,14 +59,15 @@ def _in_original(path: Path, download: Path) -> bool:
 def _without_look_alikes(download: Path, files: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
     """When the download has an Original/ folder, files named like its images elsewhere (the WM-GM-CSF tissue
     masks are named exactly like them) are not images: leave them out, saying which folders were ignored."""
-    if not any(_IMAGE.fullmatch(stem) and _in_original(path, download) for stem, path in files):
+    image_named = [path for stem, path in files if _IMAGE.fullmatch(stem)]
+    look_alikes = {path for path in image_named if not _in_original(path, download)}
+    if len(look_alikes) == len(image_named):  # no Original/ folder: nothing to tell them apart by
         return files
-    look_alikes = [(stem, path) for stem, path in files if _IMAGE.fullmatch(stem) and not _in_original(path, download)]
-    for folder in sorted({path.parent for _, path in look_alikes}):
+    for folder in sorted({path.parent for path in look_alikes}):
         warnings.warn(f"{folder}: ignored, its files are named like the T1 images of Original/ (the WM-GM-CSF "
                       "tissue masks are); the brain masks come from Silver-standard/ or STAPLE/", MedttaWarning,
                       stacklevel=2)
-    return [item for item in files if item not in look_alikes]
+    return [(stem, path) for stem, path in files if path not in look_alikes]
 
 
 class CC359Recipe(Recipe):
