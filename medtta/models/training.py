@@ -29,7 +29,7 @@ from medtta.models import build_network
 from medtta.models.base import Architecture, SourceVolume, Stage
 from medtta.protocol import Protocol
 
-TRAINING_VERSION = 3  # 3: auxiliary passes keep the BatchNorm running statistics
+TRAINING_VERSION = 4  # 3: auxiliary passes keep the BatchNorm running statistics; 4: the fused Gaussian of N
 
 
 def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float,

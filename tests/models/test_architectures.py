@@ -17,7 +17,7 @@ from medtta.data.datasets import open_dataset
 from medtta.data.synthetic.cardiac import generate
 from medtta.errors import RegistryError
 from medtta.models import ARCHITECTURES, build_network
-from medtta.models.norm_net import squares_jigsaw
+from medtta.models.norm_net import Gaussian, GaussianActivation, squares_jigsaw
 from medtta.models.training import source_model
 from medtta.protocol import Training, resolve_protocol
 from medtta.registry import ADAPTERS
@@ -70,6 +70,14 @@ def test_squares_jigsaw_copies_boxes_within_each_volume() -> None:
     assert torch.equal(noisy.sum(1), torch.ones(2, 8, 32, 32))  # still one label per voxel
     assert not torch.equal(noisy, onehot)
     assert noisy[0, 2].sum() == 0 and noisy[1, 1].sum() == 0  # labels only come from the same volume
+
+
+def test_gaussian_activation_value_and_gradients() -> None:
+    """The fused exp(-(x/s)^2): its value, and gradients checked against finite differences (x and the scale)."""
+    act = GaussianActivation(3).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(act(x), torch.exp(-(x / act.scale) ** 2))
+    assert torch.autograd.gradcheck(Gaussian.apply, (x, act.scale))
 
 
 def test_mae_masks_the_ratio_of_whole_patches() -> None:
