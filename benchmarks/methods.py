@@ -4,7 +4,8 @@ norm-net's recovery against its number of updates. Every ratio is measured in th
 nothing.
 
     python benchmarks/methods.py [--protocols synth-mri synth-ct synth-oct] [--methods ...] [--epochs N]
-                                 [--curve 10 25 50 100 200] [--curve-volumes 4] [--results DIR]
+                                 [--curve 10 25 50 100 200] [--curve-volumes 4] [--profile METHOD ...]
+                                 [--results DIR]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from medtta.protocol import Protocol, resolve_protocol
 from medtta.registry import ADAPTERS
 from medtta.report import format_table
 
-METHODS = ["source", "bn-stats", "tent", "norm-net", "ttt-rot", "ttt-mae", "ae-tta"]
+METHODS = ADAPTERS.list()  # every registered method, plugins included
 
 
 class _MallInfo2(ctypes.Structure):
@@ -165,6 +166,24 @@ def cost_table(protocol_name: str, methods: list[str], results: Path, device: to
     return rows
 
 
+def profile_update(protocol_name: str, method: str, results: Path, device: torch.device, epochs: int | None) -> str:
+    """Where one update's time goes: the operators of `method`'s update on the first test volume of the first
+    target site, by self time (torch.profiler), next to unadapted inference of the same volume."""
+    protocol = load_protocol(protocol_name, epochs)
+    dataset = open_dataset(protocol)
+    case = dataset.cases_of(protocol.target_sites[0], "test")[0]
+    x = image_slices(load_volume(case, protocol.labels), protocol.preprocessing).to(device)
+    model, _ = source_model(protocol, dataset, ADAPTERS.get(method).architecture, 0, results, device, progress=False)
+    seed_everything(0)
+    adapter = ADAPTERS.create(method, model).to(device)
+    unadapted, update = timed(lambda: adapter.predict(x), device), timed(lambda: adapter.update(x), device)
+    with torch.profiler.profile() as prof:
+        adapter.update(x)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return (f"{method}: one update {update * 1e3:.0f} ms = {update / unadapted:.1f}x unadapted inference "
+            f"({unadapted * 1e3:.0f} ms)\n{table}")
+
+
 def norm_net_curve(protocol_name: str, steps: list[int], volumes: int, results: Path, device: torch.device,
                    epochs: int | None) -> list[list[str]]:
     """Dice of norm-net against its updates per volume, on the first `volumes` test volumes of each site."""
@@ -201,9 +220,11 @@ def main() -> None:
     parser.add_argument("--curve", nargs="*", type=int, default=[10, 25, 50, 100, 200],
                         help="norm-net updates per volume to measure on synth-mri")
     parser.add_argument("--curve-volumes", type=int, default=4, help="test volumes per site for the curve")
-    parser.add_argument("--tables", nargs="+", choices=["methods", "training", "cost"],
+    parser.add_argument("--tables", nargs="*", choices=["methods", "training", "cost"],
                         default=["methods", "training", "cost"], help="which tables to print per protocol (training "
                         "needs the methods table of the same run, or their models in --results)")
+    parser.add_argument("--profile", nargs="*", default=[], metavar="METHOD",
+                        help="methods whose one update to profile, per protocol")
     parser.add_argument("--results", type=Path, help="results dir (default: a fresh temporary one)")
     args = parser.parse_args()
     device = resolve_device("auto")
@@ -224,6 +245,9 @@ def main() -> None:
                 print(f"\n== {name}: cost per update and peak memory ({device.type}) ==")
                 print(format_table(["protocol", "method", "steps", "update / TENT step", "episodic vs unadapted",
                                     "peak MiB"], cost_table(name, args.methods, results, device, args.epochs)))
+            for method in args.profile:
+                print(f"\n== {name}: profile of one {method} update ==")
+                print(profile_update(name, method, results, device, args.epochs))
         if args.curve:
             print("\n== norm-net on synth-mri: Dice against updates per volume ==")
             norm_net_curve("synth-mri", args.curve, args.curve_volumes, results, device, args.epochs)
