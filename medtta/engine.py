@@ -22,7 +22,7 @@ from medtta.data.layout import Case, load_volume
 from medtta.data.preprocess import image_slices, to_native
 from medtta.errors import MedttaError
 from medtta.metrics import collapsed, dice_recovery, mean, volume_dice, volume_metrics
-from medtta.models.training import source_model
+from medtta.models.training import load_statistics, source_model
 from medtta.paths import results_root
 from medtta.protocol import SETTINGS, Protocol
 from medtta.registry import ADAPTERS, ARCHITECTURES
@@ -178,15 +178,18 @@ class Engine:
         source_tests = dataset.cases_of(p.source_site, "test")
         params = {**self.params(), "in_domain_cases": len(source_tests)}
         with tracker.run(f"{c.method} seed={c.seed}", tags, params) as run_id:
-            model, record = source_model(p, dataset, self.adapter_cls.architecture, c.seed, self.results,
-                                         self.device, c.arch_config, c.progress)
+            cls = self.adapter_cls
+            statistics = {cls.statistics: cls.source_statistics} if cls.statistics else None
+            model, record = source_model(p, dataset, cls.architecture, c.seed, self.results,
+                                         self.device, c.arch_config, c.progress, statistics)
             tracker.log_metrics({"source_val_dice": record["val_dice"], "source_train_seconds": record["train_seconds"],
                                  **{f"source_{name}_val_loss": stage["val_loss"]
                                     for name, stage in record["stages"].items()}})
             in_domain = self._in_domain_dice(model, source_tests)
             tracker.log_metrics({"dice_in_domain": in_domain})
             seed_everything(c.seed)
-            adapter = ADAPTERS.create(c.method, copy.deepcopy(model), **c.hparams).to(self.device)
+            source_stats = {"source_stats": load_statistics(record, cls.statistics)} if cls.statistics else {}
+            adapter = ADAPTERS.create(c.method, copy.deepcopy(model), **source_stats, **c.hparams).to(self.device)
             out_dir = self.results / "runs" / p.name / run_id
             sites = []
             for site in p.target_sites:

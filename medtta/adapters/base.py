@@ -8,12 +8,14 @@ test time), `collect_params` (what is trained), `loss` (the unsupervised objecti
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from medtta.errors import MedttaError
+from medtta.models.base import SourceVolume
 from medtta.registry import check_keys
 
 PARADIGMS = ("input", "feature", "output", "prior", "none")
@@ -28,6 +30,11 @@ class Adapter(nn.Module):
     the hyper-parameter `defaults` (with the paper's values) and `default_steps`, the update iterations per
     volume in the episodic setting. `logits_in_objective` says whether `objective` computes the batch's
     segmentation logits (then a continual prediction costs no extra forward pass).
+
+    A method that needs tensors computed (not trained) from the source model on source data, such as EATA's Fisher
+    information, names them in `statistics` and computes them in `source_statistics`: source training calls it
+    once on the source validation slices and caches the result beside the checkpoint, and the engine hands the
+    tensors to `__init__` as `source_stats`, so that adaptation never reads source data.
     """
 
     architecture: ClassVar[str] = "unet"
@@ -35,11 +42,18 @@ class Adapter(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {}
     default_steps: ClassVar[int] = 0
     logits_in_objective: ClassVar[bool] = True
+    statistics: ClassVar[str] = ""  # the name of the source statistics the method needs ("" for none)
 
-    def __init__(self, model: nn.Module, **hparams: Any) -> None:
+    def __init__(self, model: nn.Module, *, source_stats: dict[str, torch.Tensor] | None = None,
+                 **hparams: Any) -> None:
         super().__init__()
         self.check_hparams(hparams)
         self.hparams: dict[str, Any] = {**self.defaults, **hparams}
+        if self.statistics and source_stats is None:
+            raise MedttaError(f"{type(self).__name__} needs the source statistics '{self.statistics}': pass "
+                              f"source_stats=, computed by {type(self).__name__}.source_statistics on source data "
+                              "(source_model caches them beside the checkpoint)")
+        self.source_stats: dict[str, torch.Tensor] = source_stats or {}  # read by `configure`
         self.model = model
         self.configure(model)
         self.params = self.collect_params(model)
@@ -52,6 +66,12 @@ class Adapter(nn.Module):
     def check_hparams(cls, hparams: dict[str, Any]) -> None:
         """Fail, naming the known ones, when a hyper-parameter is not this method's."""
         check_keys(cls, hparams, "hyper-parameter")
+
+    @classmethod
+    def source_statistics(cls, model: nn.Module, volumes: Iterable[SourceVolume]) -> dict[str, torch.Tensor]:
+        """The tensors named `statistics`, computed from the trained source `model` (left as it is) on the source
+        validation volumes (slices, labels), on the model's device; called only when `statistics` is set."""
+        return {}
 
     def configure(self, model: nn.Module) -> None:
         """Put the model in its test-time mode (default: frozen, inference mode) and add what the method adds."""

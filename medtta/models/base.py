@@ -9,7 +9,7 @@ loop (`medtta.models.training`) serves them all. Architectures are plugins, regi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -24,6 +24,8 @@ from medtta.registry import check_keys
 _SEGMENTATION_LOSS = DiceCELoss(to_onehot_y=True, softmax=True)
 
 SourceVolume = tuple[torch.Tensor, torch.Tensor]  # one source volume: (slices, 1, H, W) images, (slices, H, W) labels
+SourceStatistics = Callable[[nn.Module, Iterable[SourceVolume]], dict[str, torch.Tensor]]
+"""Tensors computed (not trained) from a trained source model on source volumes, e.g. `Adapter.source_statistics`."""
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 the results dir keyed by protocol, architecture, config and seed.
 
 One loop (`fit`) trains every architecture: first the network on its `source_losses`, then each post-training
-stage (a DAE, autoencoders) with the network frozen, each stage in its own cached checkpoint.
+stage (a DAE, autoencoders) with the network frozen, each stage in its own cached checkpoint. Source statistics an
+adapter asks for (computed from the trained model on the validation split, not trained) are cached the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from medtta.data.preprocess import image_slices, label_slices, to_native
 from medtta.errors import DataError
 from medtta.metrics import mean, volume_dice
 from medtta.models import build_network
-from medtta.models.base import Architecture, SourceVolume, Stage
+from medtta.models.base import Architecture, SourceStatistics, SourceVolume, Stage
 from medtta.protocol import Protocol
 
 TRAINING_VERSION = 4  # 3: auxiliary passes keep the BatchNorm running statistics; 4: the fused Gaussian of N
@@ -179,15 +180,33 @@ def _load(module: nn.Module, path: Path) -> None:
     module.load_state_dict({**module.state_dict(), **torch.load(path, map_location="cpu", weights_only=True)})
 
 
+def compute_statistics(model: Architecture, compute: SourceStatistics, data: SourceData,
+                       device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Source statistics of the trained model on the validation volumes, moved to `device` one at a time;
+    returns them on the CPU and their record (seconds)."""
+    start = time.perf_counter()
+    volumes = ((x.to(device), y.to(device)) for x, y in data.volumes["val"])
+    stats = {k: v.detach().cpu() for k, v in compute(model.eval(), volumes).items()}
+    return stats, {"seconds": time.perf_counter() - start}
+
+
+def load_statistics(record: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
+    """The source statistics `name` that `source_model` cached, from the file its record names."""
+    return torch.load(record["statistics"][name]["path"], map_location="cpu", weights_only=True)
+
+
 def source_model(
     protocol: Protocol, dataset: Dataset, architecture: str, seed: int, results: Path, device: torch.device,
     config: dict[str, Any] | None = None, progress: bool = True,
+    statistics: dict[str, SourceStatistics] | None = None,
 ) -> tuple[Architecture, dict[str, Any]]:
     """The source model for (protocol, architecture, config, seed): every part loaded from the cache or trained
-    and cached.
+    and cached, and the source `statistics` asked for (name -> how to compute them) loaded from the cache or
+    computed on the validation split and cached, each in a file beside the checkpoint.
 
     Returns the model on `device` and its training record: validation Dice, best epoch, seconds (network and all
-    stages in `train_seconds`), one entry per stage, checkpoint path, and whether everything came from the cache.
+    stages in `train_seconds`), one entry per stage, one entry per statistic (seconds and the `path` of its file,
+    read by `load_statistics`), checkpoint path, and whether everything came from the cache.
     """
     torch.manual_seed(seed)  # the same initial weights, whichever parts come from the cache
     model = build_network(architecture, 1, len(protocol.labels), **(config or {})).to(device)
@@ -201,9 +220,11 @@ def source_model(
     else:
         record = {**train_network(model, data, seed, device, progress), "checkpoint": str(path)}
         _save(path, model.network_state(), record)
-    record = {**record, "stages": {}}
+    record = {**record, "stages": {}, "statistics": {}}
+    stage_keys = []
     for stage in model.post_training():
         stage_key = [key, stage.module, stage.epochs, stage.lr, {k: model.config[k] for k in stage.config_keys}]
+        stage_keys.append(stage_key)
         stage_path = path.with_suffix(f".{stage.module}-{_digest(stage_key)}.pt")
         module = getattr(model, stage.module)
         stage_record = _cached(stage_path)
@@ -214,5 +235,13 @@ def source_model(
         else:
             _load(module, stage_path)
         record["stages"][stage.module] = stage_record
+    for name, compute in (statistics or {}).items():  # of the whole model: the network and its stages
+        stats_path = path.with_suffix(f".{name}-{_digest([key, stage_keys, name])}.pt")
+        stats_record = _cached(stats_path)
+        if stats_record is None:
+            cached = False
+            stats, stats_record = compute_statistics(model, compute, data, device)
+            _save(stats_path, stats, stats_record)
+        record["statistics"][name] = {**stats_record, "path": str(stats_path)}
     record["train_seconds"] = record["seconds"] + sum(s["seconds"] for s in record["stages"].values())
     return model.eval(), {**record, "cached": cached}

@@ -10,7 +10,7 @@ from torch import nn
 
 from medtta.adapters.base import PARADIGMS
 from medtta.engine import adapt_and_predict
-from medtta.errors import RegistryError
+from medtta.errors import MedttaError, RegistryError
 from medtta.models import build_network
 from medtta.registry import ADAPTERS
 
@@ -46,8 +46,20 @@ def _snapshot(adapter: nn.Module) -> dict[str, torch.Tensor]:
     return copy.deepcopy(adapter.state_dict())
 
 
+def _source_stats(cls: type, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The method's source statistics, computed by its hook on two random source volumes."""
+    g = torch.Generator().manual_seed(2)
+    volumes = [(torch.randn(5, 1, 32, 32, generator=g) * 2 + 1, torch.randint(0, 4, (5, 32, 32), generator=g))
+               for _ in range(2)]
+    return cls.source_statistics(model, volumes)
+
+
 def _adapter(method: str, **hparams) -> nn.Module:
-    return ADAPTERS.create(method, _source_like(ADAPTERS.get(method).architecture), **hparams)
+    cls = ADAPTERS.get(method)
+    model = _source_like(cls.architecture)
+    if cls.statistics:  # as the engine does, from the cache source training fills
+        hparams["source_stats"] = _source_stats(cls, model)
+    return ADAPTERS.create(method, model, **hparams)
 
 
 # The contract every registered adapter passes (a new method gets these tests by registering).
@@ -106,6 +118,20 @@ def test_hyper_parameters_reach_the_method(method: str) -> None:
     known = ", ".join(cls.defaults) or "none"
     with pytest.raises(RegistryError, match=rf"{cls.__name__} has no hyper-parameter bogus \(known: {known}\)"):
         _adapter(method, bogus=1)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if ADAPTERS.get(m).statistics])
+def test_source_statistics_leave_the_model_as_it_is_and_are_required(method: str) -> None:
+    cls = ADAPTERS.get(method)
+    model = _source_like(cls.architecture)
+    before, trainable, training = _snapshot(model), [p.requires_grad for p in model.parameters()], model.training
+    stats = _source_stats(cls, model)
+    assert stats and all(torch.isfinite(v).all() for v in stats.values())
+    assert _changed(before, model.state_dict()) == set() and model.training == training
+    assert [p.requires_grad for p in model.parameters()] == trainable
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(MedttaError, match=f"needs the source statistics '{cls.statistics}'"):
+        ADAPTERS.create(method, model)
 
 
 def test_tent_updates_exactly_the_batchnorm_affine_parameters(model: nn.Module, batch: torch.Tensor) -> None:
