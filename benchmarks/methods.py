@@ -24,7 +24,15 @@ import torch
 from medtta.data.datasets import open_dataset
 from medtta.data.layout import load_volume
 from medtta.data.preprocess import image_slices, to_native
-from medtta.engine import RunConfig, adapt_and_predict, resolve_device, run, seed_everything
+from medtta.engine import (
+    RunConfig,
+    adapt_and_predict,
+    create_adapter,
+    method_source_model,
+    resolve_device,
+    run,
+    seed_everything,
+)
 from medtta.metrics import mean, volume_dice
 from medtta.models.training import source_model
 from medtta.protocol import Protocol, resolve_protocol
@@ -151,9 +159,9 @@ def cost_table(protocol_name: str, methods: list[str], results: Path, device: to
     rows, per_update = [], {}
     for method in ["tent", *[m for m in methods if m != "tent"]]:
         cls = ADAPTERS.get(method)
-        model, _ = source_model(protocol, dataset, cls.architecture, 0, results, device, progress=False)
+        model, record = method_source_model(method, protocol, dataset, 0, results, device, progress=False)
         seed_everything(0)
-        adapter = ADAPTERS.create(method, model).to(device)
+        adapter = create_adapter(method, model, record).to(device)
         unadapted = timed(lambda a=adapter: a.predict(x), device)
         update = timed(lambda a=adapter: a.update(x), device) if adapter.optimizer is not None else float("nan")
         per_update[method] = update
@@ -173,9 +181,9 @@ def profile_update(protocol_name: str, method: str, results: Path, device: torch
     dataset = open_dataset(protocol)
     case = dataset.cases_of(protocol.target_sites[0], "test")[0]
     x = image_slices(load_volume(case, protocol.labels), protocol.preprocessing).to(device)
-    model, _ = source_model(protocol, dataset, ADAPTERS.get(method).architecture, 0, results, device, progress=False)
+    model, record = method_source_model(method, protocol, dataset, 0, results, device, progress=False)
     seed_everything(0)
-    adapter = ADAPTERS.create(method, model).to(device)
+    adapter = create_adapter(method, model, record).to(device)
     unadapted, update = timed(lambda: adapter.predict(x), device), timed(lambda: adapter.update(x), device)
     with torch.profiler.profile() as prof:
         adapter.update(x)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medtta.adapters.base import Adapter
-from medtta.data.datasets import open_dataset
+from medtta.data.datasets import Dataset, open_dataset
 from medtta.data.layout import Case, load_volume
 from medtta.data.preprocess import image_slices, to_native
 from medtta.errors import MedttaError
@@ -109,6 +109,23 @@ def adapt_and_predict(adapter: Adapter, x: torch.Tensor, setting: str, steps: in
     return torch.cat([adapter.predict(b) for b in _batches(x, batch_size)])
 
 
+def method_source_model(method: str, protocol: Protocol, dataset: Dataset, seed: int, results: Path,
+                        device: torch.device, config: dict[str, Any] | None = None, progress: bool = True
+                        ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The source model `method` adapts (its architecture, trained or cached), with the source statistics the
+    method asks for cached beside it; returns the model and its training record."""
+    cls = ADAPTERS.get(method)
+    statistics = {cls.statistics: cls.source_statistics} if cls.statistics else None
+    return source_model(protocol, dataset, cls.architecture, seed, results, device, config, progress, statistics)
+
+
+def create_adapter(method: str, model: torch.nn.Module, record: dict[str, Any], **hparams: Any) -> Adapter:
+    """`method` wrapped around `model`, given the source statistics its training `record` points to."""
+    cls = ADAPTERS.get(method)
+    source_stats = {"source_stats": load_statistics(record, cls.statistics)} if cls.statistics else {}
+    return ADAPTERS.create(method, model, **source_stats, **hparams)
+
+
 @torch.no_grad()
 def predict_unadapted(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([model(b) for b in _batches(x, batch_size)])
@@ -178,18 +195,15 @@ class Engine:
         source_tests = dataset.cases_of(p.source_site, "test")
         params = {**self.params(), "in_domain_cases": len(source_tests)}
         with tracker.run(f"{c.method} seed={c.seed}", tags, params) as run_id:
-            cls = self.adapter_cls
-            statistics = {cls.statistics: cls.source_statistics} if cls.statistics else None
-            model, record = source_model(p, dataset, cls.architecture, c.seed, self.results,
-                                         self.device, c.arch_config, c.progress, statistics)
+            model, record = method_source_model(c.method, p, dataset, c.seed, self.results, self.device,
+                                                c.arch_config, c.progress)
             tracker.log_metrics({"source_val_dice": record["val_dice"], "source_train_seconds": record["train_seconds"],
                                  **{f"source_{name}_val_loss": stage["val_loss"]
                                     for name, stage in record["stages"].items()}})
             in_domain = self._in_domain_dice(model, source_tests)
             tracker.log_metrics({"dice_in_domain": in_domain})
             seed_everything(c.seed)
-            source_stats = {"source_stats": load_statistics(record, cls.statistics)} if cls.statistics else {}
-            adapter = ADAPTERS.create(c.method, copy.deepcopy(model), **source_stats, **c.hparams).to(self.device)
+            adapter = create_adapter(c.method, copy.deepcopy(model), record, **c.hparams).to(self.device)
             out_dir = self.results / "runs" / p.name / run_id
             sites = []
             for site in p.target_sites:
