@@ -147,13 +147,15 @@ class Adapter(nn.Module):
             self.optimizer = self.make_optimizer(self.params)
 
 
-def use_batch_statistics(model: nn.Module, source_weight: float = 0.0) -> list[nn.Module]:
+def use_batch_statistics(model: nn.Module, source_weight: float = 0.0,
+                         layer: type[MixedBatchNorm] | None = None) -> list[MixedBatchNorm]:
     """Make every BatchNorm layer normalize with test-batch statistics, mixed with the source statistics
-    by `source_weight` (0: batch statistics only, 1: source only). Returns the layers changed."""
+    by `source_weight` (0: batch statistics only, 1: source only), as a `layer` (default `MixedBatchNorm`).
+    Returns the layers changed."""
     layers = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            mixed = MixedBatchNorm(module, source_weight)
+            mixed = (layer or MixedBatchNorm)(module, source_weight)
             parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
             setattr(parent, name.rpartition(".")[2], mixed)
             layers.append(mixed)
@@ -162,7 +164,10 @@ def use_batch_statistics(model: nn.Module, source_weight: float = 0.0) -> list[n
 
 class MixedBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm normalizing with `w * source + (1 - w) * batch` statistics (Schneider et al., NeurIPS 2020).
-    The source running statistics are kept as they are."""
+    The source running statistics are kept as they are. Subclasses may set `batch_gradient` to False to treat
+    the batch statistics as constants in backpropagation (VPTTA), and extend `statistics`."""
+
+    batch_gradient: ClassVar[bool] = True
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, source_weight: float) -> None:
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
@@ -174,13 +179,20 @@ class MixedBatchNorm(nn.modules.batchnorm._BatchNorm):
         if x.dim() < 2:
             raise ValueError(f"expected at least 2D input, got {x.dim()}D")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.source_weight == 0:  # batch statistics alone: the fused kernel, gradients through the statistics
-            return nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+    def statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel mean and variance `x` is normalized with; the batch's part is a constant for
+        backpropagation unless `batch_gradient`."""
         dims = [0, *range(2, x.dim())]
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        if not self.batch_gradient:
+            mean, var = mean.detach(), var.detach()
         w = self.source_weight
-        mean = w * self.running_mean + (1 - w) * x.mean(dims)
-        var = w * self.running_var + (1 - w) * x.var(dims, unbiased=False)
+        return w * self.running_mean + (1 - w) * mean, w * self.running_var + (1 - w) * var
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.source_weight == 0 and self.batch_gradient:  # batch statistics alone, gradients through them: fused
+            return nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        mean, var = self.statistics(x)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         return out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out
