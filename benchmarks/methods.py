@@ -171,14 +171,16 @@ def cost_table(protocol_name: str, methods: list[str], results: Path, device: to
                          repeat=1)
         memory = peak_memory_mib(lambda a=adapter, s=cls.default_steps: adapt_and_predict(a, x, "episodic", s, 32),
                                  device)
-        rows.append([protocol_name, method, str(cls.default_steps), f"{update / unadapted:.1f}x",
-                     f"{update / per_update['tent']:.2f}", f"{episodic / unadapted:.1f}x", f"{memory:.0f}"])
+        steps = [f"{update / unadapted:.1f}x", f"{update / per_update['tent']:.2f}"] if adapter.optimizer else ["-"] * 2
+        rows.append([protocol_name, method, str(cls.default_steps), *steps, f"{episodic / unadapted:.1f}x",
+                     f"{memory:.0f}"])
     return rows
 
 
-def profile_update(protocol_name: str, method: str, results: Path, device: torch.device, epochs: int | None) -> str:
-    """Where one update's time goes: the operators of `method`'s update on the first test volume of the first
-    target site, by self time (torch.profiler), next to unadapted inference of the same volume."""
+def profile_episode(protocol_name: str, method: str, results: Path, device: torch.device,
+                    epochs: int | None) -> str:
+    """Where the time goes: the operators of `method`'s episodic adaptation and prediction of the first test
+    volume of the first target site, by self time (torch.profiler), next to unadapted inference of that volume."""
     protocol = load_protocol(protocol_name, epochs)
     dataset = open_dataset(protocol)
     case = dataset.cases_of(protocol.target_sites[0], "test")[0]
@@ -187,11 +189,12 @@ def profile_update(protocol_name: str, method: str, results: Path, device: torch
     unadapted = timed(lambda: predict_unadapted(model, x, 32), device)
     seed_everything(0)
     adapter = create_adapter(method, model, record).to(device)
-    update = timed(lambda: adapter.update(x), device)
+    steps = ADAPTERS.get(method).default_steps
+    episode = timed(lambda: adapt_and_predict(adapter, x, "episodic", steps, 32), device)
     with torch.profiler.profile() as prof:
-        adapter.update(x)
+        adapt_and_predict(adapter, x, "episodic", steps, 32)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
-    return (f"{method}: one update {update * 1e3:.0f} ms = {update / unadapted:.1f}x unadapted inference "
+    return (f"{method}: one volume {episode * 1e3:.0f} ms = {episode / unadapted:.1f}x unadapted inference "
             f"({unadapted * 1e3:.0f} ms)\n{table}")
 
 
@@ -235,7 +238,7 @@ def main() -> None:
                         default=["methods", "training", "cost"], help="which tables to print per protocol (training "
                         "needs the methods table of the same run, or their models in --results)")
     parser.add_argument("--profile", nargs="*", default=[], metavar="METHOD",
-                        help="methods whose one update to profile, per protocol")
+                        help="methods whose episodic adaptation of one volume to profile, per protocol")
     parser.add_argument("--results", type=Path, help="results dir (default: a fresh temporary one)")
     args = parser.parse_args()
     device = resolve_device("auto")
@@ -258,8 +261,8 @@ def main() -> None:
                                     "episodic vs unadapted",
                                     "peak MiB"], cost_table(name, args.methods, results, device, args.epochs)))
             for method in args.profile:
-                print(f"\n== {name}: profile of one {method} update ==")
-                print(profile_update(name, method, results, device, args.epochs))
+                print(f"\n== {name}: profile of {method} on one volume (episodic) ==")
+                print(profile_episode(name, method, results, device, args.epochs))
         if args.curve:
             print("\n== norm-net on synth-mri: Dice against updates per volume ==")
             norm_net_curve("synth-mri", args.curve, args.curve_volumes, results, device, args.epochs)
