@@ -159,6 +159,8 @@ def cost_table(protocol_name: str, methods: list[str], results: Path, device: to
     case = dataset.cases_of(protocol.target_sites[0], "test")[0]
     x = image_slices(load_volume(case, protocol.labels), protocol.preprocessing).to(device)
     rows, per_update = [], {}
+    warm_up, _ = source_model(protocol, dataset, "unet", 0, results, device, progress=False)
+    timed(lambda: predict_unadapted(warm_up, x, 32), device)  # the process's first convolutions set up oneDNN
     for method in ["tent", *[m for m in methods if m != "tent"]]:
         cls = ADAPTERS.get(method)
         model, record = method_source_model(method, protocol, dataset, 0, results, device, progress=False)
