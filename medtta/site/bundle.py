@@ -64,6 +64,7 @@ def _jsonable(value: Any) -> Any:
 
 def _write(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    path.chmod(0o644)  # safetensors writes 0600: a container's non-root user must read a mounted bundle
     return {"file": path.name, "sha256": sha256(path)}
 
 
