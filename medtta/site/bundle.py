@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import medtta
-from medtta.data.layout import sha256
-from medtta.errors import MedttaError
+from medtta.data.layout import read_json, sha256
+from medtta.errors import DataError
 from medtta.models import build_network
 from medtta.models.base import Architecture
 from medtta.protocol import Preprocessing, Protocol
@@ -37,7 +37,7 @@ MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
 
 
-class BundleError(MedttaError):
+class BundleError(DataError):
     """A bundle is missing, corrupt, modified or from an incompatible medtta version."""
 
 
@@ -153,12 +153,7 @@ def load_bundle(root: str | Path) -> Bundle:
     """Read and verify a bundle folder: manifest, bundle format and medtta version, the sha256 of every file."""
     root = Path(root)
     path = root / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{path}: missing (--model must be a folder written by `medtta export`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{path}: not valid JSON ({err})") from None
+    manifest = read_json(path, "--model must be a folder written by `medtta export`", BundleError)
     _check_version(path, manifest)
     files = manifest.get("files", {})
     for entry in [files.get("weights", {}), *files.get("statistics", {}).values()]:
