@@ -107,7 +107,8 @@ def site_eval(model, data, methods, output, labels, site, name, setting, steps, 
     start = time.perf_counter()
     result = SiteEvaluation(bundle, data, config).run()
     write_outputs(result, bundle, data)
-    uri = log_to_mlflow(result, bundle, {"setting": setting, "steps": steps, "batch_size": batch_size, "seed": seed})
+    uri = log_to_mlflow(result, bundle, {"setting": setting, "steps": steps, "batch_size": batch_size, "seed": seed},
+                        config.hparams)
     click.echo(f"\nsite-eval of {bundle.architecture} bundle on {result.name}: "
                f"{int(max(s['cases'] for s in result.summary.values()))} volume(s), {len(result.skipped)} skipped, "
                f"{time.perf_counter() - start:.1f} s")

@@ -10,6 +10,7 @@ from typing import Any
 
 import medtta
 from medtta.metrics import COLLAPSE_FRACTION
+from medtta.registry import ADAPTERS
 from medtta.report import format_table
 from medtta.site.bundle import Bundle
 from medtta.site.evaluate import SiteEvalResult, write_csv
@@ -96,9 +97,10 @@ def report_markdown(result: SiteEvalResult, bundle: Bundle, data: Path) -> str:
     return "\n".join(parts)
 
 
-def log_to_mlflow(result: SiteEvalResult, bundle: Bundle, config_params: dict[str, Any]) -> str:
-    """A run per method in the experiment `medtta/site-<name>` of the SQLite store in the output folder; returns
-    the tracking URI."""
+def log_to_mlflow(result: SiteEvalResult, bundle: Bundle, config_params: dict[str, Any],
+                  hparams: dict[str, dict[str, Any]]) -> str:
+    """A run per method in the experiment `medtta/site-<name>` of the SQLite store in the output folder, with the
+    method's hyper-parameters (`hp.<name>`, defaults included); returns the tracking URI."""
     uri = f"sqlite:///{result.output.resolve() / 'mlflow.db'}"
     tracker = Tracker(uri, f"site-{result.name}", result.output.resolve() / "mlartifacts")
     src = bundle.manifest["source"]
@@ -106,7 +108,9 @@ def log_to_mlflow(result: SiteEvalResult, bundle: Bundle, config_params: dict[st
         tags = {"medtta.method": method, "medtta.site": result.name, "medtta.protocol": src["protocol"],
                 "medtta.modality": bundle.manifest["modality"], "medtta.architecture": bundle.architecture,
                 "medtta.source_site": src["site"], "medtta.kind": "site-eval", "medtta.labeled": result.labeled}
-        with tracker.run(method, tags, {"method": method, **config_params}):
+        used = {**ADAPTERS.get(method).defaults, **hparams.get(method, {})}
+        params = {"method": method, **config_params, **{f"hp.{k}": v for k, v in used.items()}}
+        with tracker.run(method, tags, params):
             tracker.log_metrics({**summary, "dice_in_domain": result.dice_in_domain})
             tracker.log_table([r for r in result.rows if r["method"] == method], "cases")
             tracker.log_artifact(result.output / "report.md")

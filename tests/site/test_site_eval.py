@@ -178,6 +178,7 @@ def test_layout_with_labels_offline_on_read_only_data(bundle: Path, dataset: Pat
     runs = client.search_runs([client.get_experiment_by_name("medtta/site-site-B").experiment_id])
     assert sorted(r.data.tags["medtta.method"] for r in runs) == ["bn-stats", "eata", "source"]
     assert all("dice_recovery" in r.data.metrics for r in runs if r.data.tags["medtta.method"] != "source")
+    assert next(r for r in runs if r.data.tags["medtta.method"] == "eata").data.params["hp.fisher_alpha"] == "2000.0"
     report = (out / "report.md").read_text()
     assert "## Accuracy" in report and "| eata |" in report and "cannot be measured" not in report
 
