@@ -70,7 +70,6 @@ class SiteEvalResult:
     summary: dict[str, dict[str, float]]  # per method
     skipped: list[tuple[Path, str]]
     output: Path
-    tracking_uri: str
     dice_in_domain: float
 
 
@@ -147,7 +146,7 @@ class SiteEvaluation:
             raise DataError(f"--data {self.data}: no volume could be read ({len(skipped)} skipped, see above)")
         labeled = any(r["labeled"] for r in log.rows)
         summary = {m: self._summarize([r for r in log.rows if r["method"] == m]) for m in self.methods}
-        return SiteEvalResult(self.name, self.methods, labeled, log.rows, summary, skipped, c.output, "",
+        return SiteEvalResult(self.name, self.methods, labeled, log.rows, summary, skipped, c.output,
                               self.bundle.dice_in_domain)
 
     def _evaluate_case(self, case: SiteCase, volume: SiteVolume, model: torch.nn.Module,
@@ -179,7 +178,8 @@ class SiteEvaluation:
 
     def _summarize(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         """Means over cases (NaN-aware), Dice recovery of the mean Dice, collapse count, cost."""
-        keys = [k for k in (rows[0] if rows else {}) if k.startswith(("dice", "hd95", "entropy", "changed", "volume"))]
+        keys = [k for k in dict.fromkeys(k for r in rows for k in r)  # a case without a mask has no Dice
+                if k.startswith(("dice", "hd95", "entropy", "changed", "volume"))]
         summary = {k: mean([float(r.get(k, float("nan"))) for r in rows]) for k in keys}
         if "dice" in summary:
             summary["dice_recovery"] = dice_recovery(summary["dice"], summary["dice_source"],
