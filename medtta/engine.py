@@ -84,7 +84,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _timed(fn, device: torch.device) -> tuple[torch.Tensor, float]:
+def timed(fn, device: torch.device) -> tuple[torch.Tensor, float]:
+    """`fn()` and its wall-clock seconds, CUDA work included."""
     start = time.perf_counter()
     out = fn()
     if device.type == "cuda":
@@ -124,6 +125,19 @@ def create_adapter(method: str, model: torch.nn.Module, record: dict[str, Any], 
     cls = ADAPTERS.get(method)
     source_stats = {"source_stats": load_statistics(record, cls.statistics)} if cls.statistics else {}
     return ADAPTERS.create(method, model, **source_stats, **hparams)
+
+
+def in_domain_dice(model: torch.nn.Module, protocol: Protocol, cases: list[Case], device: torch.device,
+                   batch_size: int = 32, progress: bool = True) -> float:
+    """Mean Dice of the unadapted `model` on the source site's test `cases`: the reference of Dice recovery."""
+    p, scores = protocol, []
+    for case in tqdm(cases, desc=f"in-domain Dice on site {p.source_site}", unit="volume", disable=not progress,
+                     leave=False):
+        volume = load_volume(case, p.labels)
+        logits = predict_unadapted(model, image_slices(volume, p.preprocessing).to(device), batch_size)
+        scores.append(volume_dice(to_native(logits, volume, p.preprocessing), torch.as_tensor(volume.label),
+                                  p.scored_labels)["dice"])
+    return mean(scores)
 
 
 @torch.no_grad()
@@ -223,22 +237,14 @@ class Engine:
         return RunResult(p, c, self.setting, in_domain, len(source_tests), sites, run_id, uri, out_dir)
 
     def _in_domain_dice(self, model: torch.nn.Module, cases: list[Case]) -> float:
-        p, scores = self.protocol, []
-        for case in tqdm(cases, desc=f"in-domain Dice on site {p.source_site}", unit="volume",
-                         disable=not self.config.progress, leave=False):
-            volume = load_volume(case, p.labels)
-            logits = predict_unadapted(model, image_slices(volume, p.preprocessing).to(self.device),
-                                       self.config.batch_size)
-            scores.append(volume_dice(to_native(logits, volume, p.preprocessing), torch.as_tensor(volume.label),
-                                      p.scored_labels)["dice"])
-        return mean(scores)
+        return in_domain_dice(model, self.protocol, cases, self.device, self.config.batch_size, self.config.progress)
 
     def _evaluate_case(self, case: Case, site: str, model: torch.nn.Module, adapter: Adapter) -> dict[str, Any]:
         p, c = self.protocol, self.config
         volume = load_volume(case, p.labels)
         x = image_slices(volume, p.preprocessing).to(self.device)
-        source_logits, source_seconds = _timed(lambda: predict_unadapted(model, x, c.batch_size), self.device)
-        logits, seconds = _timed(lambda: adapt_and_predict(adapter, x, self.setting, self.steps, c.batch_size),
+        source_logits, source_seconds = timed(lambda: predict_unadapted(model, x, c.batch_size), self.device)
+        logits, seconds = timed(lambda: adapt_and_predict(adapter, x, self.setting, self.steps, c.batch_size),
                                  self.device)
         reference = torch.as_tensor(volume.label)
         pred = to_native(logits, volume, p.preprocessing)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,3 +72,32 @@ def mean(values: list[float]) -> float:
     """Mean ignoring NaN; NaN when nothing is left."""
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
+
+
+COLLAPSE_FRACTION = 0.2
+"""Label-free collapse: a foreground label whose predicted volume falls below this fraction of the unadapted
+(`source`) prediction's volume of that label, or vanishes from it, flags the case."""
+
+
+def label_free_indicators(pred: torch.Tensor, source_pred: torch.Tensor, labels: dict[str, int],
+                          spacing: tuple[float, ...]) -> dict[str, Any]:
+    """What can be said of an adapted prediction without a reference, against the unadapted one of the same volume:
+    the fraction of voxels whose label changed (`changed_vs_source`), the volume of each scored foreground label in
+    mL (`volume_<name>_ml`) and as a fraction of the unadapted volume (`volume_ratio_<name>`, NaN when the unadapted
+    prediction has none), and a collapse flag (`collapsed`) with its reasons (`collapse`): a label of the unadapted
+    prediction that vanished, or shrank below `COLLAPSE_FRACTION` of it."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    out: dict[str, Any] = {"changed_vs_source": float((pred != source_pred).float().mean())}
+    reasons = []
+    for name, value in _foreground(labels).items():
+        count, before = int((pred == value).sum()), int((source_pred == value).sum())
+        ratio = count / before if before else math.nan
+        out[f"volume_{name}_ml"] = count * voxel_ml
+        out[f"volume_ratio_{name}"] = ratio
+        if before and count == 0:
+            reasons.append(f"{name} vanished")
+        elif ratio < COLLAPSE_FRACTION:
+            reasons.append(f"{name} at {ratio:.0%} of source")
+    out["collapsed"] = bool(reasons)
+    out["collapse"] = "; ".join(reasons)
+    return out

@@ -8,9 +8,9 @@ import warnings
 from pathlib import Path
 
 import click
-import yaml
 
 from medtta import __version__
+from medtta.cli.options import parse_params as _parse_params
 from medtta.errors import MedttaError, MedttaWarning
 
 
@@ -48,20 +48,6 @@ def main() -> None:
     Train a model on one site, adapt it at the others, and compare methods by Dice recovery
     in MLflow. Start with:  medtta run --method tent --dataset synth-mri
     """
-
-
-def _parse_params(values: tuple[str, ...], option: str = "--param") -> dict:
-    params = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"'{item}' is not KEY=VALUE", param_hint=option)
-        value = yaml.safe_load(raw)
-        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-            params[key] = float(value) if isinstance(value, str) else value
-        except ValueError:
-            params[key] = value
-    return params
 
 
 @main.command()
@@ -238,3 +224,13 @@ def _report_problems(problems: list[str], ok: str) -> None:
         click.echo(f"{len(problems)} problem(s) found", err=True)
         sys.exit(2)
     click.echo(ok)
+
+
+def _add_site_commands() -> None:
+    from medtta.cli.site import export, site_eval
+
+    main.add_command(export)
+    main.add_command(site_eval)
+
+
+_add_site_commands()

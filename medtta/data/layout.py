@@ -72,14 +72,20 @@ class Dataset:
         return [c for c in self.cases if c.site == site and (split is None or c.split == split)]
 
 
+def read_json(path: Path, missing: str, error: type[DataError] = DataError) -> dict:
+    """A JSON file, failing as `error` with the path when it is missing (`missing` says what it should be) or
+    malformed."""
+    if not path.is_file():
+        raise error(f"{path}: missing ({missing})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+
+
 def read_dataset_json(path: Path) -> dict:
     """Parse and check an nnU-Net `dataset.json`."""
-    if not path.is_file():
-        raise DataError(f"{path}: missing (every dataset folder needs a dataset.json)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+    meta = read_json(path, "every dataset folder needs a dataset.json")
     for key in ("channel_names", "labels"):
         if not isinstance(meta.get(key), dict) or not meta[key]:
             raise DataError(f"{path}: field '{key}' must be a non-empty mapping")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -191,8 +192,12 @@ def compute_statistics(model: Architecture, compute: SourceStatistics, data: Sou
 
 
 def load_statistics(record: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
-    """The source statistics `name` that `source_model` cached, from the file its record names."""
-    return torch.load(record["statistics"][name]["path"], map_location="cpu", weights_only=True)
+    """The source statistics `name` that `source_model` cached (or a bundle ships as safetensors), from the file
+    its record names."""
+    path = record["statistics"][name]["path"]
+    if str(path).endswith(".safetensors"):
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def source_model(

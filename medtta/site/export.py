@@ -1,0 +1,36 @@
+"""`medtta export`: the source model of a protocol (trained if not cached) written as a self-contained bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from medtta.data.datasets import open_dataset
+from medtta.engine import in_domain_dice, resolve_device
+from medtta.models.training import load_statistics, source_model
+from medtta.paths import results_root
+from medtta.protocol import Protocol
+from medtta.registry import ARCHITECTURES
+from medtta.site.bundle import statistics_of, write_bundle
+
+
+def export_bundle(protocol: Protocol, out: Path, architecture: str = "unet", seed: int = 0,
+                  arch_config: dict[str, Any] | None = None, epochs: int | None = None, device: str = "auto",
+                  results: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train or load the source model of `protocol` for `architecture`, with the source statistics of every
+    registered adapter of that architecture, measure its in-domain Dice and write the bundle into `out`.
+    Returns the bundle's manifest."""
+    ARCHITECTURES.get(architecture).check_config(arch_config or {})
+    if epochs is not None:
+        protocol = dataclasses.replace(protocol, training=dataclasses.replace(protocol.training, epochs=epochs))
+    torch_device = resolve_device(device)
+    dataset = open_dataset(protocol)
+    statistics = statistics_of(architecture)
+    model, record = source_model(protocol, dataset, architecture, seed, results_root(results), torch_device,
+                                 arch_config, progress, statistics)
+    tests = dataset.cases_of(protocol.source_site, "test")
+    source = {"dice_in_domain": in_domain_dice(model, protocol, tests, torch_device, progress=progress),
+              "in_domain_cases": len(tests), "source_val_dice": record["val_dice"]}
+    shipped = {name: load_statistics(record, name) for name in statistics}
+    return write_bundle(out, model.cpu(), architecture, protocol, seed, shipped, source)
