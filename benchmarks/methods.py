@@ -149,6 +149,22 @@ def training_table(protocol_name: str, results: Path, epochs: int | None, in_dom
                         rows)
 
 
+def first_target_slices(protocol: Protocol, dataset, device: torch.device) -> torch.Tensor:
+    """The slices of the first test volume of the protocol's first target site, on which costs are timed."""
+    case = dataset.cases_of(protocol.target_sites[0], "test")[0]
+    return image_slices(load_volume(case, protocol.labels), protocol.preprocessing).to(device)
+
+
+def adapter_and_unadapted(method: str, protocol: Protocol, dataset, x: torch.Tensor, results: Path,
+                          device: torch.device) -> tuple[torch.nn.Module, float]:
+    """`method` (seed 0) around its source model, and the seconds of that model's unadapted inference on `x`,
+    timed before the adapter changes the model."""
+    model, record = method_source_model(method, protocol, dataset, 0, results, device, progress=False)
+    unadapted = timed(lambda: predict_unadapted(model, x, 32), device)
+    seed_everything(0)
+    return create_adapter(method, model, record).to(device), unadapted
+
+
 def cost_table(protocol_name: str, methods: list[str], results: Path, device: torch.device,
                epochs: int | None) -> list[list[str]]:
     """Per method on the first test volume of the first target site: one update (one pass over the volume) as a
@@ -156,17 +172,13 @@ def cost_table(protocol_name: str, methods: list[str], results: Path, device: to
     inference, and peak memory."""
     protocol = load_protocol(protocol_name, epochs)
     dataset = open_dataset(protocol)
-    case = dataset.cases_of(protocol.target_sites[0], "test")[0]
-    x = image_slices(load_volume(case, protocol.labels), protocol.preprocessing).to(device)
+    x = first_target_slices(protocol, dataset, device)
     rows, per_update = [], {}
     warm_up, _ = source_model(protocol, dataset, "unet", 0, results, device, progress=False)
     timed(lambda: predict_unadapted(warm_up, x, 32), device)  # the process's first convolutions set up oneDNN
     for method in ["tent", *[m for m in methods if m != "tent"]]:
         cls = ADAPTERS.get(method)
-        model, record = method_source_model(method, protocol, dataset, 0, results, device, progress=False)
-        unadapted = timed(lambda m=model: predict_unadapted(m, x, 32), device)  # before the adapter changes it
-        seed_everything(0)
-        adapter = create_adapter(method, model, record).to(device)
+        adapter, unadapted = adapter_and_unadapted(method, protocol, dataset, x, results, device)
         update = timed(lambda a=adapter: a.update(x), device) if adapter.optimizer is not None else float("nan")
         per_update[method] = update
         episodic = timed(lambda a=adapter, s=cls.default_steps: adapt_and_predict(a, x, "episodic", s, 32), device,
@@ -185,12 +197,8 @@ def profile_episode(protocol_name: str, method: str, results: Path, device: torc
     volume of the first target site, by self time (torch.profiler), next to unadapted inference of that volume."""
     protocol = load_protocol(protocol_name, epochs)
     dataset = open_dataset(protocol)
-    case = dataset.cases_of(protocol.target_sites[0], "test")[0]
-    x = image_slices(load_volume(case, protocol.labels), protocol.preprocessing).to(device)
-    model, record = method_source_model(method, protocol, dataset, 0, results, device, progress=False)
-    unadapted = timed(lambda: predict_unadapted(model, x, 32), device)
-    seed_everything(0)
-    adapter = create_adapter(method, model, record).to(device)
+    x = first_target_slices(protocol, dataset, device)
+    adapter, unadapted = adapter_and_unadapted(method, protocol, dataset, x, results, device)
     steps = ADAPTERS.get(method).default_steps
     episode = timed(lambda: adapt_and_predict(adapter, x, "episodic", steps, 32), device)
     with torch.profiler.profile() as prof:

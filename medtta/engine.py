@@ -116,8 +116,8 @@ def method_source_model(method: str, protocol: Protocol, dataset: Dataset, seed:
     """The source model `method` adapts (its architecture, trained or cached), with the source statistics the
     method asks for cached beside it; returns the model and its training record."""
     cls = ADAPTERS.get(method)
-    statistics = {cls.statistics: cls.source_statistics} if cls.statistics else None
-    return source_model(protocol, dataset, cls.architecture, seed, results, device, config, progress, statistics)
+    return source_model(protocol, dataset, cls.architecture, seed, results, device, config, progress,
+                        cls.statistics_to_compute())
 
 
 def create_adapter(method: str, model: torch.nn.Module, record: dict[str, Any], **hparams: Any) -> Adapter:

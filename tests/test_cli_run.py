@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from medtta.cli.main import _parse_params, main
+from medtta.cli.main import main
+from medtta.cli.options import parse_params
 from medtta.data.synthetic.cardiac import generate
 from medtta.metrics import dice_recovery
 
@@ -162,7 +163,7 @@ def test_run_of_a_method_with_its_own_architecture(dataset: Path, results: Path)
 
 
 def test_params_parse_as_yaml_with_exponents_as_numbers() -> None:
-    assert _parse_params(("lr=1e-3", "refresh=5", "prior_size=[8, 32, 32]", "name=x")) == {
+    assert parse_params(("lr=1e-3", "refresh=5", "prior_size=[8, 32, 32]", "name=x")) == {
         "lr": 0.001, "refresh": 5, "prior_size": [8, 32, 32], "name": "x"}
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from medtta.errors import MedttaError
-from medtta.models.base import SourceVolume
+from medtta.models.base import SourceStatistics, SourceVolume
 from medtta.registry import check_keys
 
 PARADIGMS = ("input", "feature", "output", "prior", "none")
@@ -66,6 +66,11 @@ class Adapter(nn.Module):
     def check_hparams(cls, hparams: dict[str, Any]) -> None:
         """Fail, naming the known ones, when a hyper-parameter is not this method's."""
         check_keys(cls, hparams, "hyper-parameter")
+
+    @classmethod
+    def statistics_to_compute(cls) -> dict[str, SourceStatistics]:
+        """The source statistics the method needs, as `source_model` takes them: {name: how to compute them}."""
+        return {cls.statistics: cls.source_statistics} if cls.statistics else {}
 
     @classmethod
     def source_statistics(cls, model: nn.Module, volumes: Iterable[SourceVolume]) -> dict[str, torch.Tensor]:

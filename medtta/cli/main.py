@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from medtta import __version__
-from medtta.cli.options import parse_params as _parse_params
+from medtta.cli.options import parse_params
+from medtta.cli.site import export, site_eval
 from medtta.errors import MedttaError, MedttaWarning
 
 
@@ -95,7 +96,7 @@ def run(method, dataset, source_site, target_sites, setting, seed, steps, batch_
         logging.getLogger(noisy).setLevel(logging.WARNING)  # sets its level on import, so after the imports
     protocol = resolve_protocol(dataset, source_site, tuple(target_sites))
     config = RunConfig(method=method, setting=setting, seed=seed, steps=steps, batch_size=batch_size,
-                       hparams=_parse_params(params), arch_config=_parse_params(arch_params, "--arch-param"),
+                       hparams=parse_params(params), arch_config=parse_params(arch_params, "--arch-param"),
                        device=device, results=results, tracking_uri=tracking_uri,
                        epochs=epochs, progress=not quiet)
     result = run_protocol(protocol, config)
@@ -226,11 +227,5 @@ def _report_problems(problems: list[str], ok: str) -> None:
     click.echo(ok)
 
 
-def _add_site_commands() -> None:
-    from medtta.cli.site import export, site_eval
-
-    main.add_command(export)
-    main.add_command(site_eval)
-
-
-_add_site_commands()
+main.add_command(export)
+main.add_command(site_eval)

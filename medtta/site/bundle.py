@@ -53,8 +53,8 @@ def statistics_of(architecture: str) -> dict[str, Any]:
     found = {}
     for name in ADAPTERS.list():
         cls = ADAPTERS.get(name)
-        if cls.architecture == architecture and cls.statistics:
-            found[cls.statistics] = cls.source_statistics
+        if cls.architecture == architecture:
+            found.update(cls.statistics_to_compute())
     return found
 
 
