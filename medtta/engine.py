@@ -3,6 +3,7 @@ through an adapter in the episodic or continual setting, logging everything to M
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -188,11 +189,25 @@ class SourcePredictions:
             leave=False)])
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring `peak_memory_mb` afresh (on Linux, writing 5 to clear_refs resets the peak resident set)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif Path("/proc/self/clear_refs").exists():
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: the most memory allocated since the last reset; CPU: the peak resident set of this process."""
+    """CUDA: the most memory allocated since `reset_peak_memory`; CPU: the peak resident set of this process
+    (since the reset on Linux, else since it started)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**10  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
@@ -289,8 +304,7 @@ class Engine:
         tags = self.tags()
         source_tests = dataset.cases_of(p.source_site, "test")
         params = {**self.params(), "in_domain_cases": len(source_tests)}
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        reset_peak_memory(self.device)
         with tracker.run(run_name(c.method, p.name, c.seed, self.setting), tags, params) as run_id:
             model, record, unadapted = self.source(dataset, volumes)
             tracker.log_metrics({"source_val_dice": record["val_dice"], "source_train_seconds": record["train_seconds"],

@@ -8,6 +8,7 @@ import warnings
 import click
 
 from medtta import __version__
+from medtta.cli.bench import bench
 from medtta.cli.data import data
 from medtta.cli.listing import list_
 from medtta.cli.run import run
@@ -52,6 +53,7 @@ def main() -> None:
 
 
 main.add_command(run)
+main.add_command(bench)
 main.add_command(list_)
 main.add_command(data)
 main.add_command(export)
