@@ -166,3 +166,48 @@ def test_method_and_dataset_patterns(dataset: Path) -> None:
     assert code == 2 and "--methods: no method matches 'nothing-*'" in out
     result = CliRunner().invoke(main, ["bench", "-m", "source", "-d", "synth-x*"])
     assert result.exit_code == 2 and "--datasets: no protocol matches 'synth-x*'" in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ui_serves_the_runs_tables_on_localhost(dataset: Path, results: Path) -> None:
+    import json
+    import sys
+    import urllib.request
+
+    bench(dataset, results, "--methods", "source,bn-stats")  # the runs of the first test, or made here
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "medtta", "ui", "--results", str(results), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = [server.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith(f"MLflow UI on sqlite:///{results / 'mlflow.db'}")
+        name, url = lines[1].split()
+        exp_id = url.split("/#/experiments/")[1].removesuffix("/runs")
+        assert name == "medtta/synth-mri" and url == f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs"
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/runs/search",
+                                         data=json.dumps({"experiment_ids": [exp_id]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            runs = json.load(response)["runs"]
+        names = {r["info"]["run_name"] for r in runs}
+        assert {"source · synth-mri · seed 0", "bn-stats · synth-mri · seed 0"} <= names
+        assert any(m["key"] == "dice_recovery_MRI" for r in runs for m in r["data"].get("metrics", []))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_ui_without_a_store_or_with_a_busy_port(results: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["ui", "--results", str(tmp_path)])
+    assert result.exit_code == 2 and f"{tmp_path / 'mlflow.db'}: no MLflow store here yet" in result.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(main, ["ui", "--results", str(results), "--port", str(port)])
+    assert result.exit_code == 2 and f"--port {port}: 127.0.0.1:{port} is already in use" in result.output

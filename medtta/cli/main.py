@@ -13,6 +13,7 @@ from medtta.cli.data import data
 from medtta.cli.listing import list_
 from medtta.cli.run import run
 from medtta.cli.site import export, site_eval
+from medtta.cli.ui import ui
 from medtta.errors import MedttaError, MedttaWarning
 
 
@@ -58,3 +59,4 @@ main.add_command(list_)
 main.add_command(data)
 main.add_command(export)
 main.add_command(site_eval)
+main.add_command(ui)
