@@ -228,10 +228,11 @@ def report_markdown(report: Report) -> str:
         "- **Wilcoxon p**: two-sided signed-rank test (`scipy.stats.wilcoxon`) of the method's per-case Dice (mean "
         "over seeds) against the unadapted Dice of the same cases. The unadapted Dice is each row's `dice_source`: "
         "the prediction of the cached unadapted model on that very volume, which is what the `source` method "
-        "predicts, so every method is paired with the same baseline.",
-        f"- **Collapse**: a case is flagged by its run when a foreground label of the reference vanishes from the "
-        f"adapted prediction, or the predicted foreground shrinks far below the unadapted prediction's (below "
-        f"{COLLAPSE_FRACTION:.0%} of it where runs log foreground volumes). Collapsed cases are listed above, never "
-        "averaged away.",
+        "predicts, so every method is paired with the same baseline. With n cases the smallest possible p is "
+        "2 / 2^n (0.5 for 2 cases, 0.0625 for 5): few cases cannot show significance.",
+        f"- **Collapse**: a case is flagged by its run (the `collapsed` column of its `cases.json`, the reason in "
+        f"`collapse`) when a foreground label of the reference vanishes from the adapted prediction, or, in runs that "
+        f"log foreground volumes, the predicted foreground shrinks below {COLLAPSE_FRACTION:.0%} of the unadapted "
+        "prediction's. Collapsed cases are listed above, never averaged away.",
         f"- Per-row numbers with every interval bound: {', '.join(f'`{n}.csv`' for n in CSVS)}.", ""]
     return "\n".join(parts)
