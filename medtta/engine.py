@@ -3,10 +3,15 @@ through an adapter in the episodic or continual setting, logging everything to M
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
+import os
 import random
+import resource
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from medtta.adapters.base import Adapter
+from medtta.data.cache import PreparedVolume, VolumeCache, digest, validated_checksums
 from medtta.data.datasets import Dataset, open_dataset
 from medtta.data.layout import Case, load_volume
-from medtta.data.preprocess import image_slices, to_native
+from medtta.data.preprocess import to_native
 from medtta.errors import MedttaError
-from medtta.metrics import collapsed, dice_recovery, mean, volume_dice, volume_metrics
+from medtta.metrics import collapse_reason, dice_recovery, foreground_voxels, mean, volume_dice, volume_metrics
 from medtta.models.training import load_statistics, source_model
 from medtta.paths import results_root
 from medtta.protocol import SETTINGS, Protocol
@@ -127,17 +133,82 @@ def create_adapter(method: str, model: torch.nn.Module, record: dict[str, Any], 
     return ADAPTERS.create(method, model, **source_stats, **hparams)
 
 
-def in_domain_dice(model: torch.nn.Module, protocol: Protocol, cases: list[Case], device: torch.device,
-                   batch_size: int = 32, progress: bool = True) -> float:
-    """Mean Dice of the unadapted `model` on the source site's test `cases`: the reference of Dice recovery."""
-    p, scores = protocol, []
-    for case in tqdm(cases, desc=f"in-domain Dice on site {p.source_site}", unit="volume", disable=not progress,
-                     leave=False):
-        volume = load_volume(case, p.labels)
-        logits = predict_unadapted(model, image_slices(volume, p.preprocessing).to(device), batch_size)
-        scores.append(volume_dice(to_native(logits, volume, p.preprocessing), torch.as_tensor(volume.label),
-                                  p.scored_labels)["dice"])
-    return mean(scores)
+@dataclass(frozen=True)
+class Unadapted:
+    """The unadapted model on one case: its prediction (native label map), Dice and seconds."""
+
+    pred: torch.Tensor
+    dice: float
+    seconds: float
+
+
+def prepare_dataset(protocol: Protocol, cache: Path, progress: bool = True) -> tuple[Dataset, VolumeCache]:
+    """The protocol's dataset, checked (once per fingerprint of its files, cached in `cache`) before anything is
+    trained or logged, and its cases preprocessed on demand (cached too)."""
+    dataset = open_dataset(protocol)
+    checksums = validated_checksums(dataset, cache, progress)
+    return dataset, VolumeCache(dataset, checksums, protocol.preprocessing, cache)
+
+
+class SourcePredictions:
+    """The unadapted model's prediction of each case, computed once per (model, device, case) and cached in
+    `<cache>/unadapted/`: every method adapting the same source model compares against the same predictions,
+    and the in-domain Dice is their mean over the source test cases."""
+
+    def __init__(self, model: torch.nn.Module, record: dict[str, Any], protocol: Protocol, volumes: VolumeCache,
+                 device: torch.device, batch_size: int = 32, cache: Path | None = None) -> None:
+        """`record`: the model's training record (`source_model`), whose checkpoint name identifies the model."""
+        self.model, self.protocol, self.volumes = model, protocol, volumes
+        self.device, self.batch_size = device, batch_size
+        model_id = f"{Path(record['checkpoint']).stem}-{device.type}"
+        self.dir = cache / "unadapted" / model_id if cache is not None else None
+
+    def of(self, case: Case) -> tuple[PreparedVolume, Unadapted]:
+        """The case prepared for the network, and the unadapted model's result on it."""
+        prepared = self.volumes.get(case)
+        path = self.dir / f"{self.volumes.key(case)}.pt" if self.dir is not None else None
+        if path is not None and path.is_file():
+            saved = torch.load(path, weights_only=True)
+            return prepared, Unadapted(saved["pred"].long(), float(saved["dice"]), float(saved["seconds"]))
+        p, x = self.protocol, prepared.slices.to(self.device)
+        logits, seconds = timed(lambda: predict_unadapted(self.model, x, self.batch_size), self.device)
+        pred = to_native(logits, prepared.volume, p.preprocessing)
+        result = Unadapted(pred, volume_dice(pred, torch.as_tensor(prepared.volume.label), p.scored_labels)["dice"],
+                           seconds)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            torch.save({"pred": pred.to(torch.int16), "dice": result.dice, "seconds": seconds}, tmp)
+            tmp.replace(path)
+        return prepared, result
+
+    def in_domain_dice(self, cases: list[Case], progress: bool = True) -> float:
+        """Mean Dice of the unadapted model on the source site's test `cases`: the reference of Dice recovery."""
+        return mean([self.of(case)[1].dice for case in tqdm(
+            cases, desc=f"in-domain Dice on site {self.protocol.source_site}", unit="volume", disable=not progress,
+            leave=False)])
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring `peak_memory_mb` afresh (on Linux, writing 5 to clear_refs resets the peak resident set)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif Path("/proc/self/clear_refs").exists():
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the most memory allocated since `reset_peak_memory`; CPU: the peak resident set of this process
+    (since the reset on Linux, else since it started)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**10  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 @torch.no_grad()
@@ -162,6 +233,16 @@ class CaseLog:
         self.rows.append(row)
 
 
+#: per target site, the cases whose middle slices are saved for the report's qualitative grid: the one adaptation
+#: harmed most (adapted minus unadapted Dice) and the collapsed ones, up to this many
+QUALITATIVE_CASES = 4
+
+
+def run_name(method: str, protocol: str, seed: int, setting: str) -> str:
+    """How a parent run reads in the MLflow runs table, e.g. `tent · synth-mri · seed 0`."""
+    return " · ".join([method, protocol, f"seed {seed}", *([setting] if setting != "episodic" else [])])
+
+
 class Engine:
     """One `medtta run`: a method on a protocol's target sites."""
 
@@ -178,6 +259,7 @@ class Engine:
         self.architecture.check_config(config.arch_config)
         self.device = resolve_device(config.device)
         self.results = results_root(config.results)
+        self.cache = self.results / "cache"
         if config.epochs is not None:
             training = dataclasses.replace(protocol.training, epochs=config.epochs)
             self.protocol = dataclasses.replace(protocol, training=training)
@@ -193,66 +275,113 @@ class Engine:
                 **{f"hp.{k}": v for k, v in hparams.items()},
                 **{f"arch.{k}": v for k, v in {**self.architecture.defaults, **c.arch_config}.items()}}
 
+    def cell(self) -> str:
+        """The identity of what this run computes: a finished run with the same cell need not run again."""
+        return digest([self.params(), dataclasses.asdict(dataclasses.replace(self.protocol, source=""))])
+
     def tags(self) -> dict[str, Any]:
         p = self.protocol
         return {"medtta.method": self.config.method, "medtta.architecture": self.adapter_cls.architecture,
                 "medtta.paradigm": self.adapter_cls.paradigm, "medtta.protocol": p.name, "medtta.modality": p.modality,
-                "medtta.setting": self.setting, "medtta.seed": self.config.seed, "medtta.site": p.source_site}
+                "medtta.setting": self.setting, "medtta.seed": self.config.seed, "medtta.site": p.source_site,
+                "medtta.cell": self.cell(), "medtta.host": socket.gethostname(), "medtta.pid": os.getpid()}
+
+    def source(self, dataset: Dataset, volumes: VolumeCache) -> tuple[torch.nn.Module, dict[str, Any],
+                                                                        SourcePredictions]:
+        """The source model (trained or cached), its training record and its cached unadapted predictions."""
+        c = self.config
+        model, record = method_source_model(c.method, self.protocol, dataset, c.seed, self.results, self.device,
+                                            c.arch_config, c.progress)
+        return model, record, SourcePredictions(model, record, self.protocol, volumes, self.device, c.batch_size,
+                                                self.cache)
 
     def run(self) -> RunResult:
         p, c = self.protocol, self.config
         self.results.mkdir(parents=True, exist_ok=True)
-        dataset = open_dataset(p)  # a broken dataset fails here, before any run is opened
+        dataset, volumes = prepare_dataset(p, self.cache, c.progress)  # fails before any run is opened
         uri = tracking_uri(c.tracking_uri, self.results)
         tracker = Tracker(uri, p.name, self.results / "mlartifacts" if uri.startswith("sqlite:") else None)
         tags = self.tags()
         source_tests = dataset.cases_of(p.source_site, "test")
         params = {**self.params(), "in_domain_cases": len(source_tests)}
-        with tracker.run(f"{c.method} seed={c.seed}", tags, params) as run_id:
-            model, record = method_source_model(c.method, p, dataset, c.seed, self.results, self.device,
-                                                c.arch_config, c.progress)
+        reset_peak_memory(self.device)
+        with tracker.run(run_name(c.method, p.name, c.seed, self.setting), tags, params) as run_id:
+            model, record, unadapted = self.source(dataset, volumes)
             tracker.log_metrics({"source_val_dice": record["val_dice"], "source_train_seconds": record["train_seconds"],
                                  **{f"source_{name}_val_loss": stage["val_loss"]
                                     for name, stage in record["stages"].items()}})
-            in_domain = self._in_domain_dice(model, source_tests)
+            in_domain = unadapted.in_domain_dice(source_tests, c.progress)
             tracker.log_metrics({"dice_in_domain": in_domain})
             seed_everything(c.seed)
             adapter = create_adapter(c.method, copy.deepcopy(model), record, **c.hparams).to(self.device)
             out_dir = self.results / "runs" / p.name / run_id
-            sites = []
-            for site in p.target_sites:
-                with tracker.run(site, {**tags, "medtta.site": site}, nested=True):
-                    log = CaseLog(out_dir / f"cases-{site}.csv")
-                    try:
-                        for case in tqdm(dataset.cases_of(site, "test"), desc=f"{c.method} on site {site}",
-                                         unit="volume", disable=not c.progress, leave=False):
-                            log.add(self._evaluate_case(case, site, model, adapter))
-                    finally:
-                        tracker.log_table(log.rows, "cases")
-                    summary = self._summarize(log.rows, in_domain)
-                    tracker.log_metrics(summary)
-                sites.append(SiteResult(site, log.rows, summary))
-            tracker.log_metrics({key: mean([s.summary[key] for s in sites])
-                                 for key in ("dice", "dice_source", "dice_recovery", "seconds_per_volume")})
+            sites = [self._run_site(site, dataset, unadapted, adapter, tracker, {**tags, "medtta.site": site},
+                                    in_domain, out_dir) for site in p.target_sites]
+            tracker.log_metrics(self._parent_metrics(sites))
         return RunResult(p, c, self.setting, in_domain, len(source_tests), sites, run_id, uri, out_dir)
 
-    def _in_domain_dice(self, model: torch.nn.Module, cases: list[Case]) -> float:
-        return in_domain_dice(model, self.protocol, cases, self.device, self.config.batch_size, self.config.progress)
+    def _run_site(self, site: str, dataset: Dataset, unadapted: SourcePredictions, adapter: Adapter,
+                  tracker: Tracker, tags: dict[str, Any], in_domain: float, out_dir: Path) -> SiteResult:
+        c = self.config
+        with tracker.run(site, tags, nested=True):
+            log, shown = CaseLog(out_dir / f"cases-{site}.csv"), {}
+            try:
+                for case in tqdm(dataset.cases_of(site, "test"), desc=f"{c.method} on site {site}", unit="volume",
+                                 disable=not c.progress, leave=False):
+                    row, shown[case.case_id] = self._evaluate_case(case, site, unadapted, adapter)
+                    log.add(row)
+            finally:
+                tracker.log_table(log.rows, "cases")
+            self._log_qualitative(dataset, log.rows, shown, out_dir / "slices" / site, tracker)
+            summary = self._summarize(log.rows, in_domain)
+            tracker.log_metrics(summary)
+        return SiteResult(site, log.rows, summary)
 
-    def _evaluate_case(self, case: Case, site: str, model: torch.nn.Module, adapter: Adapter) -> dict[str, Any]:
+    def _parent_metrics(self, sites: list[SiteResult]) -> dict[str, float]:
+        """Means over target sites; the recovery again as `dice_recovery_<MODALITY>`, so MLflow ranks methods per
+        modality over every protocol of it; cost against unadapted inference and peak memory."""
+        out = {key: mean([s.summary[key] for s in sites])
+               for key in ("dice", "dice_source", "dice_recovery", "seconds_per_volume", "seconds_per_volume_source")}
+        source_seconds = out["seconds_per_volume_source"]
+        return {**out, f"dice_recovery_{self.protocol.modality}": out["dice_recovery"],
+                "cost_ratio": out["seconds_per_volume"] / source_seconds if source_seconds > 0 else float("nan"),
+                "collapsed_cases": float(sum(s.summary["collapsed_cases"] for s in sites)),
+                "peak_memory_mb": peak_memory_mb(self.device)}
+
+    def _evaluate_case(self, case: Case, site: str, unadapted: SourcePredictions, adapter: Adapter
+                       ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The case's row, and its most-foreground slice (reference, unadapted and adapted) for the report."""
         p, c = self.protocol, self.config
-        volume = load_volume(case, p.labels)
-        x = image_slices(volume, p.preprocessing).to(self.device)
-        source_logits, source_seconds = timed(lambda: predict_unadapted(model, x, c.batch_size), self.device)
+        prepared, source = unadapted.of(case)
+        x = prepared.slices.to(self.device)
         logits, seconds = timed(lambda: adapt_and_predict(adapter, x, self.setting, self.steps, c.batch_size),
-                                 self.device)
-        reference = torch.as_tensor(volume.label)
-        pred = to_native(logits, volume, p.preprocessing)
-        source_dice = volume_dice(to_native(source_logits, volume, p.preprocessing), reference, p.scored_labels)["dice"]
-        return {"case_id": case.case_id, "site": site, "dice_source": source_dice,
-                **volume_metrics(pred, reference, p.scored_labels, volume.spacing),
-                "collapsed": collapsed(pred, reference, p.scored_labels), "seconds": seconds,
-                "seconds_source": source_seconds}
+                                self.device)
+        reference = torch.as_tensor(prepared.volume.label)
+        pred = to_native(logits, prepared.volume, p.preprocessing)
+        row = {"case_id": case.case_id, "site": site, "dice_source": source.dice,
+               **volume_metrics(pred, reference, p.scored_labels, prepared.volume.spacing),
+               "foreground_source": foreground_voxels(source.pred, p.scored_labels),
+               "foreground": foreground_voxels(pred, p.scored_labels), "seconds": seconds,
+               "seconds_source": source.seconds}
+        reason = collapse_reason(pred, reference, p.scored_labels, source.pred)
+        row.update(collapsed=bool(reason), collapse=reason)
+        index = most_foreground_slice(reference, p.preprocessing.slice_axis)
+        shown = {name: take_slice(a.numpy(), index, p.preprocessing.slice_axis)
+                 for name, a in (("reference", reference), ("source", source.pred), ("adapted", pred))}
+        return row, {**shown, "index": np.asarray(index)}
+
+    def _log_qualitative(self, dataset: Dataset, rows: list[dict[str, Any]], shown: dict[str, dict[str, np.ndarray]],
+                         folder: Path, tracker: Tracker) -> None:
+        """Saves the image, reference, unadapted and adapted slice of the chosen cases as `slices/<case>.npz`."""
+        axis, cases = self.protocol.preprocessing.slice_axis, {c.case_id: c for c in dataset.cases}
+        for case_id in qualitative_cases(rows):
+            arrays = shown[case_id]
+            image = load_volume(cases[case_id], dataset.labels).image
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{case_id}.npz"
+            np.savez_compressed(path, image=take_slice(image, int(arrays["index"]), axis).astype(np.float32),
+                                **{k: v.astype(np.int16) for k, v in arrays.items() if k != "index"})
+            tracker.log_artifact(path, "slices")
 
     def _summarize(self, rows: list[dict[str, Any]], in_domain: float) -> dict[str, float]:
         keys = [k for k in rows[0] if k.startswith(("dice", "hd95"))] if rows else []
@@ -267,6 +396,26 @@ class Engine:
             cases=float(len(rows)),
         )
         return summary
+
+
+def most_foreground_slice(reference: torch.Tensor, axis: int) -> int:
+    """The index along `axis` of the slice with the most reference foreground (0 for a 2D image)."""
+    if reference.ndim == 2:
+        return 0
+    return int((reference > 0).movedim(axis, 0).flatten(1).sum(1).argmax())
+
+
+def take_slice(array: np.ndarray, index: int, axis: int) -> np.ndarray:
+    return array if array.ndim == 2 else np.take(array, index, axis=axis)
+
+
+def qualitative_cases(rows: list[dict[str, Any]]) -> list[str]:
+    """The case adaptation harmed most, then the collapsed ones, at most `QUALITATIVE_CASES`."""
+    if not rows:
+        return []
+    worst = min(rows, key=lambda r: r["dice"] - r["dice_source"] if not np.isnan(r["dice"]) else np.inf)
+    chosen = [worst["case_id"], *(r["case_id"] for r in rows if r["collapsed"])]
+    return list(dict.fromkeys(chosen))[:QUALITATIVE_CASES]
 
 
 def run(protocol: Protocol, config: RunConfig) -> RunResult:

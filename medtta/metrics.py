@@ -57,11 +57,29 @@ def _nanmean(values: torch.Tensor) -> float:
     return float(values.mean()) if len(values) else math.nan
 
 
-def collapsed(pred: torch.Tensor, reference: torch.Tensor, labels: dict[str, int]) -> bool:
-    """A prediction has collapsed when a scored foreground label of the reference is absent from it entirely."""
-    scored = set(_foreground(labels).values())
-    missing = (set(torch.unique(reference).tolist()) - set(torch.unique(pred).tolist())) & scored
-    return bool(missing)
+COLLAPSE_FRACTION = 0.2
+"""A prediction whose foreground falls below this fraction of the unadapted prediction's foreground has collapsed
+(with labels: of all scored foreground labels together; label-free: of any one label)."""
+
+
+def collapse_reason(pred: torch.Tensor, reference: torch.Tensor, labels: dict[str, int],
+                    source_pred: torch.Tensor) -> str:
+    """Why an adapted prediction counts as collapsed, '' when it does not: a scored foreground label of the
+    reference is absent from it, or its scored foreground is below `COLLAPSE_FRACTION` of the unadapted
+    prediction's (`source_pred`) of the same volume."""
+    scored = _foreground(labels)
+    present = set(torch.unique(pred).tolist())
+    reasons = [f"{name} vanished" for name, value in scored.items()
+               if value not in present and bool((reference == value).any())]
+    kept, before = foreground_voxels(pred, labels), foreground_voxels(source_pred, labels)
+    if before and kept < COLLAPSE_FRACTION * before:
+        reasons.append(f"foreground at {kept / before:.0%} of unadapted")
+    return "; ".join(reasons)
+
+
+def foreground_voxels(pred: torch.Tensor, labels: dict[str, int]) -> int:
+    """Voxels of `pred` in a scored foreground label."""
+    return int(torch.isin(pred, torch.tensor(list(_foreground(labels).values()))).sum())
 
 
 def dice_recovery(adapted: float, source: float, in_domain: float) -> float:
@@ -75,11 +93,6 @@ def mean(values: list[float]) -> float:
     """Mean ignoring NaN; NaN when nothing is left."""
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
-
-
-COLLAPSE_FRACTION = 0.2
-"""Label-free collapse: a foreground label whose predicted volume falls below this fraction of the unadapted
-(`source`) prediction's volume of that label, or vanishes from it, flags the case."""
 
 
 def label_free_indicators(pred: torch.Tensor, source_pred: torch.Tensor, labels: dict[str, int],

@@ -63,5 +63,5 @@ class Tracker:
             mlflow.log_table({c: [r.get(c) for r in rows] for c in columns}, artifact_file=f"{name}.json")
 
     @staticmethod
-    def log_artifact(path: Path) -> None:
-        mlflow.log_artifact(str(path))
+    def log_artifact(path: Path, folder: str | None = None) -> None:
+        mlflow.log_artifact(str(path), artifact_path=folder)

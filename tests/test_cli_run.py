@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -14,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from medtta.cli.main import main
 from medtta.cli.options import parse_params
+from medtta.data.layout import read_dataset, sha256
 from medtta.data.synthetic.cardiac import generate
 from medtta.metrics import dice_recovery
 
@@ -188,7 +190,7 @@ def _copy(dataset: Path, tmp_path: Path) -> Path:
         ("nan", "C001_0000.nii.gz: contains NaN or infinite values"),
     ],
 )
-def test_bad_case_fails_the_run_and_keeps_evaluated_cases(dataset: Path, results: Path, tmp_path: Path,
+def test_bad_case_fails_before_training_naming_the_file(dataset: Path, results: Path, tmp_path: Path,
                                                           corrupt: str, message: str) -> None:
     copy = _copy(dataset, tmp_path)
     image_path, label_path = copy / "imagesTr" / "C001_0000.nii.gz", copy / "labelsTr" / "C001.nii.gz"
@@ -203,18 +205,36 @@ def test_bad_case_fails_the_run_and_keeps_evaluated_cases(dataset: Path, results
         data = image.get_fdata().astype(np.float32)
         data[0, 0, 0] = np.nan
         nib.save(nib.Nifti1Image(data, image.affine), str(image_path))
-    own_store = tmp_path / "store"  # own MLflow store, shared model cache (the training files are unchanged)
+    own_store = tmp_path / "store"
     code, _, err = invoke(*run_args(copy, results, "--method", "bn-stats", "--tracking-uri", uri(own_store)))
     errors = [line for line in err.splitlines() if not line.startswith("Warning: ")]
-    assert code == 2 and errors == [f"Error: {errors[0][7:]}"] and message in err and "Traceback" not in err
-    runs = runs_of(own_store)
-    assert {r.info.status for r in runs} == {"FAILED", "FINISHED"}
-    by_site = {r.data.tags["medtta.site"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    assert by_site["B"].info.status == "FINISHED" and by_site["C"].info.status == "FAILED"
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    assert parent.info.status == "FAILED"
-    kept = results / "runs" / "synth-mri" / parent.info.run_id / "cases-C.csv"
-    assert kept.read_text().splitlines()[1].startswith("C000,C,")
+    assert code == 2 and errors[0] == f"Error: {copy}: 1 problem(s) in the dataset (`medtta data check {copy}` " \
+                                      "lists them all):"
+    assert message in errors[1] and "Traceback" not in err
+    assert not (own_store / "mlflow.db").exists()  # checked before any training or run
+
+
+def test_image_without_a_site_fails_naming_the_case(dataset: Path, results: Path, tmp_path: Path) -> None:
+    copy = _copy(dataset, tmp_path)
+    lines = (copy / "sites.csv").read_text().splitlines()
+    (copy / "sites.csv").write_text("\n".join(line for line in lines if not line.startswith("C001,")) + "\n")
+    code, _, err = invoke(*run_args(copy, results, "--method", "source"))
+    assert code == 2 and f"{copy / 'imagesTr' / 'C001_0000.nii.gz'}: case 'C001' has no site in" in err
+
+
+def test_dataset_check_is_cached_until_a_file_changes(dataset: Path, results: Path, monkeypatch) -> None:
+    from medtta.data import cache
+
+    checked = []
+    monkeypatch.setattr(cache, "check_dataset", lambda root, progress: checked.append(root) or [])
+    sums = cache.validated_checksums(read_dataset(dataset), results / "cache", progress=False)
+    assert sums["imagesTr/C000_0000.nii.gz"] == sha256(dataset / "imagesTr" / "C000_0000.nii.gz")
+    cache.validated_checksums(read_dataset(dataset), results / "cache", progress=False)
+    assert len(checked) <= 1  # checked at most once (earlier tests of this module may have cached it)
+    sites = dataset / "sites.csv"
+    os.utime(sites, ns=(sites.stat().st_atime_ns, sites.stat().st_mtime_ns + 1))
+    cache.validated_checksums(read_dataset(dataset), results / "cache", progress=False)
+    assert checked[-1] == dataset
 
 
 def test_missing_dataset_folder_is_one_line(tmp_path: Path) -> None:

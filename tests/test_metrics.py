@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from medtta.metrics import collapsed, dice_recovery, volume_dice, volume_metrics
+from medtta.metrics import collapse_reason, dice_recovery, foreground_voxels, volume_dice, volume_metrics
 
 LABELS = {"background": 0, "a": 1, "b": 2}
 
@@ -52,12 +52,20 @@ def test_recovery() -> None:
     assert math.isnan(dice_recovery(0.7, 0.9, 0.9))
 
 
-def test_collapse() -> None:
+def test_collapse_when_a_reference_label_vanishes_or_the_foreground_shrinks() -> None:
     pred, ref = _volumes()
-    assert not collapsed(pred, ref, LABELS)
+    source = pred.clone()
+    assert collapse_reason(pred, ref, LABELS, source) == ""
     pred[pred == 2] = 0
-    assert collapsed(pred, ref, LABELS)
-    assert not collapsed(pred, ref, {"a": 1})  # label b is not scored
+    assert collapse_reason(pred, ref, LABELS, source).startswith("b vanished")
+    assert collapse_reason(pred, ref, {"a": 1}, source) == ""  # label b is not scored
+    shrunk = torch.zeros_like(source)
+    kept = 3  # of the 24 voxels of a the unadapted prediction has: 12 %, below COLLAPSE_FRACTION
+    shrunk.view(-1)[:kept] = 1
+    assert collapse_reason(shrunk, ref, {"a": 1}, source) == "foreground at 12% of unadapted"
+    shrunk.view(-1)[:5] = 1  # 21 %
+    assert collapse_reason(shrunk, ref, {"a": 1}, source) == ""
+    assert foreground_voxels(shrunk, LABELS) == 5
 
 
 def test_only_the_scored_labels_count() -> None:

@@ -1,6 +1,10 @@
-"""Option parsing shared by the commands."""
+"""Option parsing and options shared by the commands."""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
 
 import click
 import yaml
@@ -19,3 +23,54 @@ def parse_params(values: tuple[str, ...], option: str = "--param") -> dict:
         except ValueError:
             params[key] = value
     return params
+
+
+def parse_method_params(values: tuple[str, ...]) -> dict[str, dict]:
+    """`METHOD.KEY=VALUE` options grouped by method."""
+    grouped: dict[str, dict] = {}
+    for item in values:
+        method, dot, rest = item.partition(".")
+        if not dot or "=" not in rest:
+            raise click.BadParameter(f"'{item}' is not METHOD.KEY=VALUE", param_hint="--param")
+        grouped.setdefault(method, {}).update(parse_params((rest,)))
+    return grouped
+
+
+def quiet_mlflow() -> None:
+    """MLflow's and alembic's INFO lines (store migrations) would bury our output; MLflow sets its level on
+    import, so call this after importing it."""
+    for noisy in ("mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _apply(options: list[Callable]) -> Callable:
+    def decorate(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+RESULTS = click.option("--results", type=click.Path(file_okay=False, path_type=Path),
+                       help="Results dir: models, caches, tables, MLflow store (default: $MEDTTA_RESULTS or "
+                            "./medtta-results).")
+TRACKING_URI = click.option("--tracking-uri",
+                            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in the results dir).")
+
+#: what `medtta run` and `medtta bench` both vary besides methods, datasets, seeds and settings
+engine_options = _apply([
+    click.option("--steps", type=click.IntRange(min=0),
+                 help="Adaptation iterations per volume in the episodic setting (default: each method's)."),
+    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+                 help="Slices per batch (a batch never mixes volumes)."),
+    click.option("--arch-param", "-a", "arch_params", multiple=True, metavar="KEY=VALUE",
+                 help="Source-architecture config, e.g. -a dae_epochs=20 (see `medtta list architectures`); "
+                      "repeatable. Part of the source model's cache key."),
+    click.option("--epochs", type=click.IntRange(min=1), help="Source-training epochs (default: the protocol's)."),
+    click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+                 help="auto uses CUDA when present."),
+    RESULTS,
+    TRACKING_URI,
+    click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+])

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
 import click
 
-from medtta.cli.options import parse_params
-
-
-def _quiet_mlflow() -> None:
-    for noisy in ("mlflow", "alembic"):  # their INFO lines (store migrations) would bury our output
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+from medtta.cli.options import parse_method_params, parse_params, quiet_mlflow
 
 
 def _folder_size(folder: Path) -> int:
@@ -99,10 +93,10 @@ def site_eval(model, data, methods, output, labels, site, name, setting, steps, 
     from medtta.site.evaluate import SiteConfig, SiteEvaluation
     from medtta.site.report import console_summary, log_to_mlflow, write_outputs
 
-    _quiet_mlflow()
+    quiet_mlflow()
     config = SiteConfig(methods=tuple(m.strip() for m in methods.split(",") if m.strip()), output=output,
                         labels=labels, site=site, name=name, setting=setting, steps=steps, batch_size=batch_size,
-                        hparams=_method_params(params), seed=seed, device=device, progress=not quiet)
+                        hparams=parse_method_params(params), seed=seed, device=device, progress=not quiet)
     bundle = load_bundle(model)
     start = time.perf_counter()
     result = SiteEvaluation(bundle, data, config).run()
@@ -116,14 +110,3 @@ def site_eval(model, data, methods, output, labels, site, name, setting, steps, 
     click.echo(f"\nReport: {output / 'report.md'}  (masks in {output / 'masks'}, per-case rows in "
                f"{output / 'cases.csv'})")
     click.echo(f"MLflow: mlflow ui --backend-store-uri {uri}")
-
-
-def _method_params(values: tuple[str, ...]) -> dict[str, dict]:
-    """`METHOD.KEY=VALUE` options grouped by method."""
-    grouped: dict[str, dict] = {}
-    for item in values:
-        method, dot, rest = item.partition(".")
-        if not dot or "=" not in rest:
-            raise click.BadParameter(f"'{item}' is not METHOD.KEY=VALUE", param_hint="--param")
-        grouped.setdefault(method, {}).update(parse_params((rest,)))
-    return grouped

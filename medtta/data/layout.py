@@ -40,10 +40,11 @@ class Case:
 
 @dataclass(frozen=True)
 class Volume:
-    """A loaded case: image and label arrays of the same shape (2D or 3D) and the voxel spacing in mm."""
+    """A loaded case: image and label arrays of the same shape (2D or 3D) and the voxel spacing in mm. The image is
+    None once preprocessed into slices (`data.cache.PreparedVolume`): the label gives the shape."""
 
     case_id: str
-    image: np.ndarray
+    image: np.ndarray | None
     label: np.ndarray
     spacing: tuple[float, ...]
 

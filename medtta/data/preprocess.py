@@ -51,7 +51,7 @@ def resampled_shape(volume: Volume, prep: Preprocessing) -> tuple[int, int]:
     """In-plane shape of a slice at the protocol's spacing; `size` itself when the protocol fixes none."""
     if prep.spacing is None:
         return tuple(prep.size)
-    shape, spacing = _in_plane(volume.image.shape, prep), _in_plane(volume.spacing, prep)
+    shape, spacing = _in_plane(volume.label.shape, prep), _in_plane(volume.spacing, prep)
     return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, prep.spacing, strict=True))
 
 

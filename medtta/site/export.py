@@ -6,8 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from medtta.data.datasets import open_dataset
-from medtta.engine import in_domain_dice, resolve_device
+from medtta.engine import SourcePredictions, prepare_dataset, resolve_device
 from medtta.models.training import load_statistics, source_model
 from medtta.paths import results_root
 from medtta.protocol import Protocol
@@ -25,12 +24,13 @@ def export_bundle(protocol: Protocol, out: Path, architecture: str = "unet", see
     if epochs is not None:
         protocol = dataclasses.replace(protocol, training=dataclasses.replace(protocol.training, epochs=epochs))
     torch_device = resolve_device(device)
-    dataset = open_dataset(protocol)
-    statistics = statistics_of(architecture)
-    model, record = source_model(protocol, dataset, architecture, seed, results_root(results), torch_device,
-                                 arch_config, progress, statistics)
+    results, statistics = results_root(results), statistics_of(architecture)
+    dataset, volumes = prepare_dataset(protocol, results / "cache", progress)
+    model, record = source_model(protocol, dataset, architecture, seed, results, torch_device, arch_config, progress,
+                                 statistics)
     tests = dataset.cases_of(protocol.source_site, "test")
-    source = {"dice_in_domain": in_domain_dice(model, protocol, tests, torch_device, progress=progress),
+    unadapted = SourcePredictions(model, record, protocol, volumes, torch_device, cache=results / "cache")
+    source = {"dice_in_domain": unadapted.in_domain_dice(tests, progress),
               "in_domain_cases": len(tests), "source_val_dice": record["val_dice"]}
     shipped = {name: load_statistics(record, name) for name in statistics}
     return write_bundle(out, model.cpu(), architecture, protocol, seed, shipped, source)

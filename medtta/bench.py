@@ -1,0 +1,393 @@
+"""`medtta bench`: the grid of cells (method x protocol x seed x setting), each one parent run as `medtta run`
+makes it. Datasets are checked and the source models trained, with their unadapted predictions, once per grid
+before any cell runs; finished cells are skipped, so a killed grid resumes where it stopped; cells run in this
+process, in N local processes, or as Ray tasks."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import socket
+import statistics
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from tqdm.auto import tqdm
+
+from medtta.engine import Engine, RunConfig, prepare_dataset, run_name
+from medtta.errors import MedttaError, MedttaWarning
+from medtta.metrics import mean
+from medtta.paths import results_root
+from medtta.protocol import SETTINGS, Protocol, list_protocols, resolve_protocol
+from medtta.registry import ADAPTERS
+from medtta.report import format_table
+from medtta.tracking import Tracker, experiment_name, tracking_uri
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One parent run of the grid."""
+
+    method: str
+    protocol: Protocol
+    seed: int
+    setting: str
+
+    @property
+    def name(self) -> str:
+        return run_name(self.method, self.protocol.name, self.seed, self.setting)
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        return self.method, self.protocol.name, self.seed, self.setting
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `medtta bench` varies; `hparams` maps a method to its hyper-parameters."""
+
+    methods: tuple[str, ...]
+    protocols: tuple[Protocol, ...]
+    seeds: tuple[int, ...] = (0,)
+    settings: tuple[str, ...] = ("episodic",)
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    run: RunConfig = field(default_factory=lambda: RunConfig(method="source"))  # steps, batch size, device, stores
+    workers: int = 1
+    executor: str = "local"
+
+
+@dataclass
+class Outcome:
+    """What became of a cell: finished (now or before), failed, or left alone (running elsewhere)."""
+
+    cell: Cell
+    status: str  # "finished", "skipped", "failed", "running"
+    run_id: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # ours, shown once per grid rather than once per cell
+
+
+@dataclass
+class BenchResult:
+    outcomes: list[Outcome]
+    prepare_seconds: float
+    cells_seconds: float
+    tracking_uri: str
+    results: Path
+
+
+def select_methods(spec: str) -> tuple[str, ...]:
+    """`all`, or comma-separated names and fnmatch patterns (`'tent,bn-*'`), in registry order."""
+    names = ADAPTERS.list()
+    if spec.strip() == "all":
+        return tuple(names)
+    chosen: list[str] = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        matched = fnmatch.filter(names, item)
+        if not matched:
+            raise MedttaError(f"--methods: no method matches '{item}' (available: {', '.join(names)})")
+        chosen += [m for m in matched if m not in chosen]
+    return tuple(chosen)
+
+
+def select_protocols(spec: str, source_site: str | None = None) -> tuple[Protocol, ...]:
+    """Comma-separated protocol names, fnmatch patterns of them (`'synth-*'`), protocol YAML files or dataset
+    folders (with `source_site`)."""
+    builtin = list(list_protocols())
+    chosen: list[Protocol] = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if any(ch in item for ch in "*?["):
+            names = fnmatch.filter(builtin, item)
+            if not names:
+                raise MedttaError(f"--datasets: no protocol matches '{item}' (available: {', '.join(builtin)})")
+            chosen += [resolve_protocol(name) for name in names]
+        else:
+            chosen.append(resolve_protocol(item, source_site))
+    return tuple(chosen)
+
+
+def method_params(grouped: dict[str, dict[str, Any]], methods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Hyper-parameters per method from `-p METHOD.KEY=VALUE` (`grouped[METHOD]`) and `-p KEY=VALUE`
+    (`grouped[""]`: every method of the grid that has the key)."""
+    shared = grouped.get("", {})
+    for method in set(grouped) - {""} - set(methods):
+        raise MedttaError(f"-p {method}.…: '{method}' is not a method of this grid ({', '.join(methods)})")
+    for key in shared:
+        if not any(key in ADAPTERS.get(m).defaults for m in methods):
+            raise MedttaError(f"-p {key}=…: no method of this grid has the hyper-parameter '{key}'")
+    return {m: {**{k: v for k, v in shared.items() if k in ADAPTERS.get(m).defaults}, **grouped.get(m, {})}
+            for m in methods}
+
+
+def grid(config: BenchConfig) -> list[Cell]:
+    """Every cell, protocol by protocol (cells of one source model run together)."""
+    return [Cell(m, p, seed, setting) for p in config.protocols for seed in config.seeds
+            for setting in config.settings for m in config.methods]
+
+
+def engine_of(cell: Cell, config: BenchConfig) -> Engine:
+    run = replace(config.run, method=cell.method, setting=cell.setting, seed=cell.seed,
+                  hparams=config.hparams.get(cell.method, {}), progress=False)
+    return Engine(cell.protocol, run)
+
+
+# --- what a worker runs -------------------------------------------------------------------------------------------
+
+def _use_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def _our_warnings() -> Iterator[list[str]]:
+    """Collects our warnings (their messages) instead of printing them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MedttaWarning)
+        messages: list[str] = []
+        yield messages
+    messages += [str(w.message) for w in caught if issubclass(w.category, MedttaWarning)]
+
+
+def warm_source(cell: Cell, config: BenchConfig) -> Outcome:
+    """Train or load the source model `cell` adapts, and compute its unadapted predictions of every test case
+    the grid scores (and the in-domain Dice's): what every cell on that model shares."""
+    start = time.perf_counter()
+    engine = engine_of(cell, config)
+    with _our_warnings() as messages:
+        dataset, volumes = prepare_dataset(engine.protocol, engine.cache, progress=False)
+        _, _, unadapted = engine.source(dataset, volumes)
+        p = engine.protocol
+        for site in (p.source_site, *p.target_sites):
+            for case in dataset.cases_of(site, "test"):
+                unadapted.of(case)
+    return Outcome(cell, "prepared", seconds=time.perf_counter() - start, warnings=messages)
+
+
+def run_cell(cell: Cell, config: BenchConfig) -> Outcome:
+    """One cell as `medtta run` runs it; a failure is returned, not raised, so the grid goes on."""
+    start = time.perf_counter()
+    engine = engine_of(cell, config)
+    with _our_warnings() as messages:
+        try:
+            result = engine.run()
+        except MedttaError as err:
+            outcome = Outcome(cell, "failed", error=str(err))
+        except Exception as err:  # a bug in a method must not stop the grid; its traceback is kept
+            log = engine.results / "bench" / f"failed-{engine.cell()}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(traceback.format_exc())
+            outcome = Outcome(cell, "failed", error=f"{type(err).__name__}: {err} (traceback in {log})")
+        else:
+            outcome = Outcome(cell, "finished", result.run_id, metrics={
+                "dice": mean([s.summary["dice"] for s in result.sites]),
+                "dice_recovery": mean([s.summary["dice_recovery"] for s in result.sites])})
+    outcome.seconds, outcome.warnings = time.perf_counter() - start, messages
+    return outcome
+
+
+# --- executors ----------------------------------------------------------------------------------------------------
+
+def _threads_per_worker(workers: int) -> int:
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+def execute(fn: Callable[..., Any], tasks: list[tuple], workers: int, executor: str) -> Iterator[Any]:
+    """`fn(*task)` for every task, yielded as they complete: here (one worker), in `workers` local processes
+    (CPU threads split between them), or as Ray tasks."""
+    if executor == "ray":
+        yield from _execute_ray(fn, tasks, workers)
+    elif workers <= 1:
+        yield from (fn(*task) for task in tasks)
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_use_threads,
+                                 initargs=(_threads_per_worker(workers),)) as pool:
+            futures = [pool.submit(fn, *task) for task in tasks]
+            yield from (future.result() for future in as_completed(futures))
+
+
+def _execute_ray(fn: Callable[..., Any], tasks: list[tuple], workers: int) -> Iterator[Any]:
+    try:
+        import ray
+    except ImportError:
+        raise MedttaError("--executor ray needs Ray: pip install 'medtta[ray]'") from None
+    if not ray.is_initialized():
+        try:
+            ray.init(address="auto", log_to_driver=False)  # an existing cluster
+        except ConnectionError:
+            ray.init(num_cpus=max(workers, 1), log_to_driver=False, include_dashboard=False)
+    threads = _threads_per_worker(workers) if workers > 1 else 1
+    remote = ray.remote(num_cpus=threads, num_gpus=1 if torch.cuda.is_available() else 0)(_with_threads)
+    pending = [remote.remote(fn, threads, *task) for task in tasks]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
+def _with_threads(fn: Callable[..., Any], threads: int, *args: Any) -> Any:
+    _use_threads(threads)
+    return fn(*args)
+
+
+# --- resuming -----------------------------------------------------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _parent_runs(client: MlflowClient, protocols: Iterable[Protocol]) -> dict[str, list[Run]]:
+    """The parent runs of the protocols' experiments by their `medtta.cell` tag."""
+    ids = [e.experiment_id for p in protocols if (e := client.get_experiment_by_name(experiment_name(p.name)))]
+    by_cell: dict[str, list[Run]] = {}
+    if ids:
+        for run in client.search_runs(ids, "tags.`medtta.cell` LIKE '%'", max_results=50000):
+            if "mlflow.parentRunId" not in run.data.tags:
+                by_cell.setdefault(run.data.tags["medtta.cell"], []).append(run)
+    return by_cell
+
+
+def _mark_killed(client: MlflowClient, run: Run) -> None:
+    """A run left RUNNING by a killed process, and its running children, marked KILLED."""
+    children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    for r in [*children, run]:
+        if r.info.status == "RUNNING":
+            client.set_terminated(r.info.run_id, "KILLED")
+
+
+def sort_out(cells: list[Cell], config: BenchConfig, client: MlflowClient) -> tuple[list[Cell], list[Outcome]]:
+    """The cells still to run, and the outcomes of the others: finished before (skipped) or running in a live
+    process. A cell left RUNNING by a dead process of this host is marked KILLED and runs again."""
+    runs = _parent_runs(client, config.protocols)
+    todo, done = [], []
+    host = socket.gethostname()
+    for cell in cells:
+        found = runs.get(engine_of(cell, config).cell(), [])
+        finished = [r for r in found if r.info.status == "FINISHED"]
+        running = [r for r in found if r.info.status == "RUNNING"]
+        live = [r for r in running if r.data.tags.get("medtta.host") != host
+                or _alive(int(r.data.tags.get("medtta.pid", -1)))]
+        for stale in (r for r in running if r not in live):
+            _mark_killed(client, stale)
+        if finished:
+            run = max(finished, key=lambda r: r.info.end_time or 0)
+            done.append(Outcome(cell, "skipped", run.info.run_id, metrics=dict(run.data.metrics)))
+        elif live:
+            r = live[0]
+            done.append(Outcome(cell, "running", r.info.run_id, error=f"running in pid {r.data.tags.get('medtta.pid')}"
+                                f" on {r.data.tags.get('medtta.host')}"))
+        else:
+            todo.append(cell)
+    return todo, done
+
+
+# --- the grid -----------------------------------------------------------------------------------------------------
+
+def check(config: BenchConfig) -> None:
+    """Fail before anything runs on a setting, method, hyper-parameter or architecture config that is wrong."""
+    for setting in config.settings:
+        if setting not in SETTINGS:
+            raise MedttaError(f"--setting '{setting}': expected episodic, continual or both")
+    if config.executor not in EXECUTORS:
+        raise MedttaError(f"--executor '{config.executor}': expected one of {', '.join(EXECUTORS)}")
+    for cell in grid(config):
+        engine_of(cell, config)
+
+
+def bench(config: BenchConfig, progress: bool = True, echo: Callable[[str], None] = print) -> BenchResult:
+    """Run every cell of the grid not finished yet (the Python API behind `medtta bench`)."""
+    check(config)
+    results = results_root(config.run.results)
+    results.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(config.run.tracking_uri, results)
+    with _our_warnings() as messages:
+        for protocol in config.protocols:  # checked up front; the experiments exist before workers race to create them
+            prepare_dataset(protocol, results / "cache", progress)
+            Tracker(uri, protocol.name, results / "mlartifacts" if uri.startswith("sqlite:") else None)
+    shown = set(messages)
+    for message in messages:
+        echo(f"Warning: {message}")
+    cells = grid(config)
+    todo, outcomes = sort_out(cells, config, MlflowClient(tracking_uri=uri))
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    if skipped:
+        echo(f"{skipped} of {len(cells)} cell(s) already finished in {uri}: skipped")
+    for o in outcomes:
+        if o.status == "running":
+            echo(f"{o.cell.name}: {o.error}; left alone")
+    start = time.perf_counter()
+    sources = list({_source_of(engine_of(c, config)): c for c in todo}.values())
+    def show(outcome: Outcome, bar: tqdm) -> None:
+        for message in (m for m in outcome.warnings if m not in shown):
+            shown.add(message)
+            bar.write(f"Warning: {message}")
+        if outcome.status == "failed":
+            bar.write(f"{outcome.cell.name}: FAILED: {outcome.error}")
+
+    with tqdm(total=len(sources), desc="source models", unit="model", disable=not progress or not sources) as bar:
+        for outcome in execute(warm_source, [(c, config) for c in sources], config.workers, config.executor):
+            show(outcome, bar)
+            bar.update()
+    prepare_seconds = time.perf_counter() - start
+    with tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress or not todo) as bar:
+        for outcome in execute(run_cell, [(c, config) for c in todo], config.workers, config.executor):
+            outcomes.append(outcome)
+            show(outcome, bar)
+            bar.update()
+    order = {c.key: i for i, c in enumerate(cells)}
+    outcomes.sort(key=lambda o: order[o.cell.key])
+    return BenchResult(outcomes, prepare_seconds, time.perf_counter() - start - prepare_seconds, uri, results)
+
+
+def _source_of(engine: Engine) -> tuple:
+    """What identifies the source model a cell adapts (cells sharing it share its unadapted predictions)."""
+    c = engine.config
+    return (engine.protocol.name, engine.adapter_cls.architecture, c.seed, repr(sorted(c.arch_config.items())),
+            engine.protocol.training)
+
+
+def summary_table(result: BenchResult) -> str:
+    """Dice recovery per method (rows) and protocol (columns, with the setting when both ran): the mean over
+    seeds of each cell's mean over target sites, ± their std with several seeds; `failed` where a cell failed."""
+    columns = list(dict.fromkeys((o.cell.protocol.name, o.cell.setting) for o in result.outcomes))
+    both = len({setting for _, setting in columns}) > 1
+    methods = list(dict.fromkeys(o.cell.method for o in result.outcomes))
+    rows = []
+    for method in methods:
+        row = [method]
+        for protocol, setting in columns:
+            mine = [o for o in result.outcomes if (o.cell.method, o.cell.protocol.name, o.cell.setting)
+                    == (method, protocol, setting)]
+            values = [o.metrics.get("dice_recovery", math.nan) for o in mine if o.status in ("finished", "skipped")]
+            failed = sum(o.status == "failed" for o in mine)
+            row.append(_mean_std(values) + (f" ({failed} failed)" if failed else ""))
+        rows.append(row)
+    header = ["recovery", *(f"{p} {s}" if both else p for p, s in columns)]
+    return format_table(header, rows)
+
+
+def _mean_std(values: list[float]) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "n/a" if values else "-"
+    text = f"{statistics.fmean(finite):.3f}"
+    return text + (f" ± {statistics.stdev(finite):.3f}" if len(finite) > 1 else "")

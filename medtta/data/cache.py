@@ -1,0 +1,104 @@
+"""What every run of a dataset shares, computed once and cached in the results dir: the dataset's check (keyed by
+a fingerprint of its files) with the checksum of every file, and each case preprocessed to network slices (keyed
+by the case's checksums and the preprocessing)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from medtta.data.checks import check_dataset
+from medtta.data.layout import Case, Dataset, Volume, load_volume, sha256
+from medtta.data.preprocess import image_slices
+from medtta.errors import DataError
+from medtta.protocol import Preprocessing
+
+_SHOWN_PROBLEMS = 5
+
+
+def digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _data_files(root: Path) -> list[Path]:
+    return sorted([root / "dataset.json", root / "sites.csv", *(root / "imagesTr").glob("*"),
+                   *(root / "labelsTr").glob("*")])
+
+
+def fingerprint(root: Path) -> str:
+    """Changes when any file of the dataset is added, removed, rewritten or touched (name, size, mtime)."""
+    return digest([(str(p.relative_to(root)), (s := p.stat()).st_size, s.st_mtime_ns)
+                   for p in _data_files(root) if p.is_file()])
+
+
+def validated_checksums(dataset: Dataset, cache: Path, progress: bool = True) -> dict[str, str]:
+    """Check `dataset` the way `medtta data check` does, once per fingerprint of its files, and return the sha256
+    of every file (by path relative to the dataset root). Raises a `DataError` listing the problems."""
+    root = dataset.root
+    path = cache / "checks" / f"{dataset.name}-{fingerprint(root)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    problems = check_dataset(root, progress=progress)
+    if problems:
+        shown = "\n  ".join(problems[:_SHOWN_PROBLEMS])
+        more = f"\n  ... and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
+        raise DataError(f"{root}: {len(problems)} problem(s) in the dataset (`medtta data check {root}` lists "
+                        f"them all):\n  {shown}{more}")
+    files = [p for p in _data_files(root) if p.is_file()]
+    checksums = {str(p.relative_to(root)): sha256(p)
+                 for p in tqdm(files, desc=f"checksums of {dataset.name}", unit="file", disable=not progress,
+                               leave=False)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(checksums))
+    return checksums
+
+
+@dataclass(frozen=True)
+class PreparedVolume:
+    """A case as the engine uses it: its network slices, and the reference labels and spacing of the native
+    volume that predictions are brought back to."""
+
+    case_id: str
+    slices: torch.Tensor  # (slices, 1, H, W) float
+    volume: Volume  # label and spacing of the native volume; the image is left out (the slices hold it)
+
+
+class VolumeCache:
+    """Cases preprocessed once: `get(case)` loads and preprocesses it, or reads it from
+    `<cache>/volumes/<key>.pt`, keyed by the case's checksums, the labels and the preprocessing."""
+
+    def __init__(self, dataset: Dataset, checksums: dict[str, str], preprocessing: Preprocessing,
+                 cache: Path | None) -> None:
+        self.dataset, self.checksums, self.prep = dataset, checksums, preprocessing
+        self.dir = cache / "volumes" if cache is not None else None
+
+    def key(self, case: Case) -> str:
+        """The case's identity for every cache: its file contents, labels and preprocessing."""
+        files = [self.checksums.get(str(path.relative_to(self.dataset.root))) or sha256(path)
+                 for path in (case.image, case.label)]
+        return digest([files, self.dataset.labels, asdict(self.prep)])
+
+    def get(self, case: Case) -> PreparedVolume:
+        path = self.dir / f"{self.key(case)}.pt" if self.dir is not None else None
+        if path is not None and path.is_file():
+            saved = torch.load(path, weights_only=True)
+            label = saved["label"].numpy()
+            return PreparedVolume(case.case_id, saved["slices"],
+                                  Volume(case.case_id, None, label, tuple(saved["spacing"].tolist())))
+        full = load_volume(case, self.dataset.labels)
+        prepared = PreparedVolume(case.case_id, image_slices(full, self.prep),
+                                  Volume(case.case_id, None, full.label, full.spacing))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers may write the same case
+            torch.save({"slices": prepared.slices, "label": torch.as_tensor(np.ascontiguousarray(full.label)),
+                        "spacing": torch.tensor(full.spacing, dtype=torch.float64)}, tmp)
+            tmp.replace(path)
+        return prepared

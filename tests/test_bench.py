@@ -1,0 +1,168 @@
+"""`medtta bench` on a tiny dataset folder: the grid, shared unadapted predictions, resuming, failures, workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from medtta.adapters.tent import Tent
+from medtta.bench import BenchConfig, Cell, engine_of, select_protocols
+from medtta.cli.main import main
+from medtta.data.synthetic.cardiac import generate
+from medtta.engine import RunConfig
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ds") / "tiny-cardiac"
+    generate(root, seed=1, cases={"A": 6, "B": 2, "C": 2}, splits={"A": [4, 1]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """Shared across this module so the source models are trained once."""
+    return tmp_path_factory.mktemp("results")
+
+
+def bench(dataset: Path, results: Path, *extra: str, store: Path | None = None) -> tuple[int, str]:
+    args = ["bench", "--datasets", str(dataset), "--source-site", "A", "--epochs", "2", "--results", str(results),
+            "-q", *extra]
+    if store is not None:
+        store.mkdir(parents=True, exist_ok=True)
+        args += ["--tracking-uri", f"sqlite:///{store / 'mlflow.db'}"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def parents(store: Path) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("medtta/synth-mri")
+    return [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+
+
+def cell_key(dataset: Path, results: Path, method: str, seed: int = 0) -> str:
+    protocol = select_protocols(str(dataset), "A")[0]
+    config = BenchConfig((method,), (protocol,), run=RunConfig(method="source", epochs=2, results=results))
+    return engine_of(Cell(method, protocol, seed, "episodic"), config).cell()
+
+
+def test_grid_runs_every_cell_once_and_shares_the_unadapted_predictions(dataset: Path, results: Path) -> None:
+    code, out = bench(dataset, results, "--methods", "source,bn-stats", "--seeds", "0,1")
+    assert code == 0, out
+    assert re.search(r"recovery +synth-mri", out) and "4 cell(s): 4 run, 0 already finished, 0 failed" in out
+    runs = parents(results)
+    assert sorted(r.info.run_name for r in runs) == ["bn-stats · synth-mri · seed 0", "bn-stats · synth-mri · seed 1",
+                                                    "source · synth-mri · seed 0", "source · synth-mri · seed 1"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:
+        metrics = run.data.metrics
+        assert metrics["dice_recovery_MRI"] == metrics["dice_recovery"]
+        assert metrics["cost_ratio"] > 0 and metrics["peak_memory_mb"] > 0
+    # one cache folder per source model (seed), one file per test case: source site A's one, B's and C's two each
+    models = sorted((results / "cache" / "unadapted").iterdir())
+    assert len(models) == 2 and all(len(list(m.glob("*.pt"))) == 5 for m in models)
+    by_seed = {}
+    for run in runs:  # both methods of a seed compare against the same unadapted Dice
+        by_seed.setdefault(run.data.tags["medtta.seed"], set()).add(run.data.metrics["dice_source"])
+    assert all(len(values) == 1 for values in by_seed.values())
+
+    code, out = bench(dataset, results, "--methods", "source,bn-stats", "--seeds", "0,1")
+    assert code == 0 and "4 of 4 cell(s) already finished" in out and "0 run, 4 already finished" in out
+    assert len(parents(results)) == 4
+
+
+def test_a_cell_left_running_by_a_dead_process_is_marked_killed_and_run_again(dataset: Path, results: Path,
+                                                                              tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    bench(dataset, results, "--methods", "source", store=store)  # creates the experiment
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("medtta/synth-mri").experiment_id
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tags = {"medtta.host": socket.gethostname()}
+    stale = client.create_run(exp, tags={**tags, "medtta.cell": cell_key(dataset, results, "bn-stats"),
+                                         "medtta.pid": str(dead.pid)})
+    child = client.create_run(exp, tags={"mlflow.parentRunId": stale.info.run_id})
+    live = client.create_run(exp, tags={**tags, "medtta.cell": cell_key(dataset, results, "tent"),
+                                        "medtta.pid": str(os.getpid())})
+    code, out = bench(dataset, results, "--methods", "bn-stats,tent", store=store)
+    assert code == 0, out
+    assert f"tent · synth-mri · seed 0: running in pid {os.getpid()}" in out and "1 running elsewhere" in out
+    assert client.get_run(stale.info.run_id).info.status == "KILLED"
+    assert client.get_run(child.info.run_id).info.status == "KILLED"
+    assert client.get_run(live.info.run_id).info.status == "RUNNING"
+    finished = [r for r in parents(store) if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["medtta.method"] for r in finished) == ["bn-stats", "source"]
+
+
+def test_a_failed_cell_is_reported_and_the_grid_goes_on(dataset: Path, results: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Tent, "adapt", broken)
+    store = tmp_path / "store"
+    code, out = bench(dataset, results, "--methods", "tent,bn-stats", store=store)
+    assert code == 1
+    assert "tent · synth-mri · seed 0: FAILED: RuntimeError: boom (traceback in" in out
+    assert "2 cell(s): 1 run, 0 already finished, 1 failed" in out
+    status = {r.data.tags["medtta.method"]: r.info.status for r in parents(store)}
+    assert status == {"tent": "FAILED", "bn-stats": "FINISHED"}
+
+
+def test_two_workers_give_the_same_numbers_as_one(dataset: Path, results: Path, tmp_path: Path) -> None:
+    code, out = bench(dataset, results, "--methods", "source,bn-stats", "--workers", "2", store=tmp_path / "store")
+    assert code == 0, out
+    two = {r.data.tags["medtta.method"]: r.data.metrics for r in parents(tmp_path / "store")}
+    one = {r.data.tags["medtta.method"]: r.data.metrics for r in parents(results) if r.data.tags["medtta.seed"] == "0"}
+    for method in ("source", "bn-stats"):
+        assert two[method]["dice"] == one[method]["dice"]
+
+
+def test_ray_executor_runs_cells_as_ray_tasks(dataset: Path, results: Path, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    try:
+        code, out = bench(dataset, results, "--methods", "bn-stats", "--executor", "ray", store=tmp_path / "store")
+    finally:
+        ray.shutdown()
+    assert code == 0, out
+    [run] = parents(tmp_path / "store")
+    assert run.info.status == "FINISHED" and run.data.tags["medtta.pid"] != str(os.getpid())  # ran in a Ray worker
+
+
+def test_bad_data_fails_before_any_training(dataset: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = Path(shutil.copytree(dataset, tmp_path / "copy"))
+    lines = (copy / "sites.csv").read_text().splitlines()
+    (copy / "sites.csv").write_text("\n".join(line for line in lines if not line.startswith("B001,")) + "\n")
+    code, out = bench(copy, tmp_path / "results", "--methods", "source")
+    assert code == 2 and "case 'B001' has no site in" in out
+    assert not (tmp_path / "results" / "models").exists()
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    (["-p", "lr=1e-4"], "-p lr=…: no method of this grid has the hyper-parameter 'lr'"),
+    (["-p", "tent.lr=1e-4"], "-p tent.…: 'tent' is not a method of this grid (source, bn-stats)"),
+    (["-p", "bn-stats.nope=1"], "nope"),
+    (["--seeds", "0,x"], "--seeds '0,x': expected comma-separated integers"),
+])
+def test_bad_options_fail_before_anything_runs(dataset: Path, tmp_path: Path, params: list[str], message: str) -> None:
+    code, out = bench(dataset, tmp_path / "results", "--methods", "source,bn-stats", *params)
+    assert code == 2 and message in out
+    assert not (tmp_path / "results" / "models").exists()
+
+
+def test_method_and_dataset_patterns(dataset: Path) -> None:
+    code, out = bench(dataset, Path("unused"), "--methods", "nothing-*")
+    assert code == 2 and "--methods: no method matches 'nothing-*'" in out
+    result = CliRunner().invoke(main, ["bench", "-m", "source", "-d", "synth-x*"])
+    assert result.exit_code == 2 and "--datasets: no protocol matches 'synth-x*'" in result.output
