@@ -44,8 +44,8 @@ def _children(client: MlflowClient, parent: str) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """source and bn-stats on a tiny dataset, one source model trained for 2 epochs; then what the report must cope
-    with: a collapsed case and qualitative slices in bn-stats' site B run (as the engine will log them), a
-    failed parent run and a site-eval experiment."""
+    with: a collapsed case in bn-stats' site B run (with the slice the engine saves for a collapsed case), a failed
+    parent run and a site-eval experiment."""
     root = tmp_path_factory.mktemp("ds") / "tiny-cardiac"
     generate(root, seed=1, cases={"A": 6, "B": 2, "C": 2}, splits={"A": [4, 1]})
     results = tmp_path_factory.mktemp("results")
@@ -60,18 +60,15 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path="cases.json",
                                                                 tracking_uri=_uri(results))).read_text())
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
-    for row in rows:
-        row.update(foreground_source=1000, foreground=900, collapse="")
-    rows[1].update(collapsed=True, collapse="RV vanished", foreground=100)
+    rows[1].update(collapsed=True, collapse="RV vanished", foreground=rows[1]["foreground_source"] * 0.1)
     edited = tmp_path_factory.mktemp("edited") / "cases.json"  # log_table would append to the table: overwrite it
     edited.write_text(json.dumps({"columns": list(rows[0]), "data": [list(r.values()) for r in rows]}))
     client.log_artifact(child.info.run_id, str(edited))
     slices = tmp_path_factory.mktemp("slices")
-    for row in rows[:2]:
-        reference = np.zeros((32, 32), np.int64)
-        reference[8:24, 8:24] = 1
-        np.savez(slices / f"{row['case_id']}.npz", image=np.random.default_rng(0).random((32, 32), np.float32),
-                 reference=reference, source=np.roll(reference, 2), adapted=np.roll(reference, 5))
+    reference = np.zeros((32, 32), np.int16)
+    reference[8:24, 8:24] = 1
+    np.savez(slices / f"{rows[1]['case_id']}.npz", image=np.random.default_rng(0).random((32, 32), np.float32),
+             reference=reference, source=np.roll(reference, 2), adapted=np.roll(reference, 5))
     client.log_artifacts(child.info.run_id, str(slices), "slices")
     failed = client.create_run(bn_stats.info.experiment_id, tags={**bn_stats.data.tags, "medtta.seed": "2"})
     client.set_terminated(failed.info.run_id, "FAILED")
@@ -119,10 +116,12 @@ def test_report_writes_tables_equal_to_mlflow_and_logs_figures(results: Path) ->
     cost = {r["method"]: r for r in _csv(out / "cost.csv")}
     assert float(cost["source"]["seconds_per_volume"]) == pytest.approx(
         parents["source", 0].data.metrics["seconds_per_volume"])
-    assert cost["bn-stats"]["peak_memory_mb"] == "nan"  # not logged by these runs
+    for key in ("cost_ratio", "peak_memory_mb"):  # logged by the run: taken as it is
+        assert float(cost["bn-stats"][key]) == pytest.approx(parents["bn-stats", 0].data.metrics[key])
     paradigms = {r["paradigm"]: r for r in _csv(out / "by_paradigm.csv")}
     assert set(paradigms) == {"none", "feature"} and paradigms["feature"]["methods"] == "bn-stats"
     assert [(r["case_id"], r["collapse"]) for r in _csv(out / "collapses.csv")] == [("B001", "RV vanished")]
+    assert float(next(r for r in _csv(out / "collapses.csv"))["foreground_ratio"]) == pytest.approx(0.1, abs=0.01)
 
     for run_id, (status, end_time) in before.items():
         logged = {a.path for a in client.list_artifacts(run_id, "report")}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from medtta.cli.site import _quiet_mlflow
+from medtta.cli.options import quiet_mlflow
 
 
 @click.command("report")
@@ -47,7 +47,7 @@ def report(results, tracking_uri, experiments, out, resamples, seed, log_figures
     from medtta.report.text import format_table
     from medtta.tracking import tracking_uri as resolve_uri
 
-    _quiet_mlflow()
+    quiet_mlflow()
     root = results_root(results)
     uri = resolve_uri(tracking_uri, root)
     written = write_report(uri, out or root / "report", experiments, Bootstrap(resamples, seed),

@@ -89,7 +89,8 @@ def protocol_figures(report: Report, protocol: str, cells: list[Cell]) -> list[P
     points = [{**r, **{k: v for k, v in recovery[r["method"]].items() if k.startswith("dice_recovery")}}
               for r in report.tables["cost"] if r["protocol"] == protocol]
     paths.append(figures.cost_vs_recovery(points, f"Cost against recovery, {title}", folder / "cost_vs_recovery.png"))
-    chosen = figures.pick_cases(t.case_changes(cells))
+    changes = t.case_changes(cells)
+    chosen = figures.pick_cases([c for c in changes if c["cell"].paradigm != "none"] or changes)  # source: no change
     if chosen:
         with tempfile.TemporaryDirectory(prefix="medtta-slices-") as tmp:
             cases = [(c, _load_slice(report.store, c, Path(tmp) / str(k))) for k, c in enumerate(chosen)]
