@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
 
 
 def _masks(labels: torch.Tensor, values: list[int]) -> torch.Tensor:
@@ -25,6 +24,8 @@ def volume_metrics(pred: torch.Tensor, reference: torch.Tensor, labels: dict[str
     """Dice per scored foreground label (`dice_<name>`), their mean (`dice`) and the mean 95th-percentile
     Hausdorff distance in mm (`hd95`) of one volume. A label absent from the reference is left out of
     the means (its Dice is NaN); a label missing from either side has no HD95."""
+    from monai.metrics import compute_hausdorff_distance  # here: `medtta report` needs only `dice_recovery`
+
     values = list(_foreground(labels).values())
     out = volume_dice(pred, reference, labels)
     with warnings.catch_warnings():  # MONAI warns for every empty class; the NaN carries that
@@ -40,6 +41,8 @@ def volume_dice(pred: torch.Tensor, reference: torch.Tensor, labels: dict[str, i
     """Dice per foreground label of `labels` (`dice_<name>`, NaN when absent from the reference) and their mean
     (`dice`). Only the labels given are scored: a protocol passes its `scored_labels`, so labels without ground
     truth at its sites count nowhere."""
+    from monai.metrics import compute_dice
+
     scored = _foreground(labels)
     values = list(scored.values())
     dice = compute_dice(_masks(pred, values), _masks(reference, values), include_background=True,

@@ -8,7 +8,6 @@ MLflow store is a SQLite file in the output, and MLflow's usage telemetry is swi
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import os
 import sys
@@ -34,13 +33,15 @@ from medtta.engine import (
     timed,
 )
 from medtta.errors import DataError, MedttaError, MedttaWarning
-from medtta.metrics import dice_recovery, label_free_indicators, mean, volume_dice, volume_metrics
+from medtta.metrics import label_free_indicators, volume_dice, volume_metrics
 from medtta.protocol import SETTINGS
 from medtta.registry import ADAPTERS
 from medtta.site.bundle import Bundle
 from medtta.site.inputs import SiteCase, SiteVolume, discover, read_case, write_mask
+from medtta.stats import case_intervals, summarize_cases
 
 SOURCE = "source"  # the unadapted model: always evaluated, the reference of every label-free indicator
+SUMMARIZED = ("dice", "hd95", "entropy", "changed", "volume")  # the per-case columns averaged per method
 
 
 @dataclass(frozen=True)
@@ -177,22 +178,10 @@ class SiteEvaluation:
         return rows
 
     def _summarize(self, rows: list[dict[str, Any]]) -> dict[str, float]:
-        """Means over cases (NaN-aware), Dice recovery of the mean Dice, collapse count, cost."""
-        keys = [k for k in dict.fromkeys(k for r in rows for k in r)  # a case without a mask has no Dice
-                if k.startswith(("dice", "hd95", "entropy", "changed", "volume"))]
-        summary = {k: mean([float(r.get(k, float("nan"))) for r in rows]) for k in keys}
-        if "dice" in summary:
-            summary["dice_recovery"] = dice_recovery(summary["dice"], summary["dice_source"],
-                                                     self.bundle.dice_in_domain)
-        summary.update(collapsed_cases=float(sum(r["collapsed"] for r in rows)), cases=float(len(rows)),
-                       seconds_per_volume=mean([r["seconds"] for r in rows]))
+        """Means over cases (NaN-aware), Dice recovery of the mean Dice, collapse count, cost; with labels, bootstrap
+        intervals of Dice and recovery over cases and the Wilcoxon p-value against the unadapted Dice."""
+        summary = summarize_cases(rows, self.bundle.dice_in_domain, SUMMARIZED)
+        labeled = [r for r in rows if r["labeled"]]
+        if labeled:
+            summary.update(case_intervals(labeled, self.bundle.dice_in_domain, seed=self.config.seed))
         return summary
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
-    """Rows with possibly different keys, as one CSV (`fields`, else the union of the keys in first-seen order)."""
-    fields = fields or list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)

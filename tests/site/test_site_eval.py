@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shlex
 import shutil
 import socket
@@ -165,12 +166,17 @@ def test_layout_with_labels_offline_on_read_only_data(bundle: Path, dataset: Pat
     assert code == 0, err
     assert socket_guard == []
     assert tree_state(data) == before  # nothing written, touched or added under --data
-    assert "method    cases   dice  dice_source  dice_in_domain  recovery" in stdout
+    assert re.search(r"method +cases +dice \[95% CI\] +dice_source +dice_in_domain +recovery \[95% CI\] +p_vs_source",
+                     stdout)
     summary = {row["method"]: row for row in _csv(out / "summary.csv")}
     assert list(summary) == ["source", "bn-stats", "eata"]
     assert float(summary["source"]["dice"]) == pytest.approx(float(summary["eata"]["dice_source"]))
     assert summary["bn-stats"]["cases"] == "2.0" and summary["eata"]["dice_recovery"] not in ("", "nan")
     assert {"dice_LV", "hd95", "entropy", "changed_vs_source"} <= set(summary["eata"])
+    eata = {k: float(v) for k, v in summary["eata"].items() if k != "method"}
+    assert eata["dice_ci_low"] <= eata["dice"] <= eata["dice_ci_high"]  # bootstrap over the site's cases
+    assert eata["dice_recovery_ci_low"] <= eata["dice_recovery"] <= eata["dice_recovery_ci_high"]
+    assert float(summary["source"]["p_vs_source"]) == 1.0 and 0 < eata["p_vs_source"] <= 1
     cases = _csv(out / "cases.csv")
     assert len(cases) == 6 and all(r["labeled"] == "True" for r in cases)
     assert sorted(p.name for p in (out / "masks" / "eata").iterdir()) == ["B000.nii.gz", "B001.nii.gz"]
@@ -181,6 +187,7 @@ def test_layout_with_labels_offline_on_read_only_data(bundle: Path, dataset: Pat
     assert next(r for r in runs if r.data.tags["medtta.method"] == "eata").data.params["hp.fisher_alpha"] == "2000.0"
     report = (out / "report.md").read_text()
     assert "## Accuracy" in report and "| eata |" in report and "cannot be measured" not in report
+    assert "95 % percentile bootstrap intervals over cases" in report
 
 
 def test_dicom_series_masks_overlay_the_series(bundle: Path, site_b: Path, tmp_path: Path) -> None:

@@ -1,10 +1,14 @@
-"""Human-readable summaries of runs."""
+"""Human-readable summaries of runs: plain-text and Markdown tables, CSV files."""
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from medtta.engine import RunResult
+if TYPE_CHECKING:
+    from medtta.engine import RunResult
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -32,3 +36,17 @@ def summary_table(result: RunResult) -> str:
              _fmt(s.summary["seconds_per_volume"], 2), str(int(s.summary["collapsed_cases"]))]
             for s in result.sites]
     return format_table(header, rows)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
+    """Rows with possibly different keys, as one CSV (`fields`, else the union of the keys in first-seen order)."""
+    fields = fields or list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
