@@ -27,11 +27,12 @@ from medtta.data.datasets import Dataset, open_dataset
 from medtta.data.layout import Case, load_volume
 from medtta.data.preprocess import to_native
 from medtta.errors import MedttaError
-from medtta.metrics import collapse_reason, dice_recovery, foreground_voxels, mean, volume_dice, volume_metrics
+from medtta.metrics import collapse_reason, foreground_voxels, mean, volume_dice, volume_metrics
 from medtta.models.training import load_statistics, source_model
 from medtta.paths import results_root
 from medtta.protocol import SETTINGS, Protocol
 from medtta.registry import ADAPTERS, ARCHITECTURES
+from medtta.stats import summarize_cases
 from medtta.tracking import Tracker, tracking_uri
 
 
@@ -333,7 +334,7 @@ class Engine:
             finally:
                 tracker.log_table(log.rows, "cases")
             self._log_qualitative(dataset, log.rows, shown, out_dir / "slices" / site, tracker)
-            summary = self._summarize(log.rows, in_domain)
+            summary = {**summarize_cases(log.rows, in_domain), "dice_in_domain": in_domain}
             tracker.log_metrics(summary)
         return SiteResult(site, log.rows, summary)
 
@@ -382,20 +383,6 @@ class Engine:
             np.savez_compressed(path, image=take_slice(image, int(arrays["index"]), axis).astype(np.float32),
                                 **{k: v.astype(np.int16) for k, v in arrays.items() if k != "index"})
             tracker.log_artifact(path, "slices")
-
-    def _summarize(self, rows: list[dict[str, Any]], in_domain: float) -> dict[str, float]:
-        keys = [k for k in rows[0] if k.startswith(("dice", "hd95"))] if rows else []
-        summary = {k: mean([r[k] for r in rows]) for k in keys}
-        summary.update(
-            dice_in_domain=in_domain,
-            dice_recovery=dice_recovery(summary.get("dice", float("nan")), summary.get("dice_source", float("nan")),
-                                        in_domain),
-            seconds_per_volume=mean([r["seconds"] for r in rows]),
-            seconds_per_volume_source=mean([r["seconds_source"] for r in rows]),
-            collapsed_cases=float(sum(r["collapsed"] for r in rows)),
-            cases=float(len(rows)),
-        )
-        return summary
 
 
 def most_foreground_slice(reference: torch.Tensor, axis: int) -> int:

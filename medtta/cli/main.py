@@ -11,6 +11,7 @@ from medtta import __version__
 from medtta.cli.bench import bench
 from medtta.cli.data import data
 from medtta.cli.listing import list_
+from medtta.cli.report import report
 from medtta.cli.run import run
 from medtta.cli.site import export, site_eval
 from medtta.cli.ui import ui
@@ -55,6 +56,7 @@ def main() -> None:
 
 main.add_command(run)
 main.add_command(bench)
+main.add_command(report)
 main.add_command(list_)
 main.add_command(data)
 main.add_command(export)
