@@ -49,6 +49,7 @@ def bench(methods, datasets, seeds, setting, source_site, params, workers, execu
     from medtta.bench import bench as run_bench
     from medtta.engine import RunConfig
     from medtta.errors import MedttaError
+    from medtta.tracking import tracking_uri as tracking_uri_of
 
     quiet_mlflow()
     try:
@@ -69,7 +70,8 @@ def bench(methods, datasets, seeds, setting, source_site, params, workers, execu
     click.echo(f"\n{len(result.outcomes)} cell(s): {counts['finished']} run, {counts['skipped']} already finished, "
                f"{counts['failed']} failed, {counts['running']} running elsewhere; source models and unadapted "
                f"predictions {result.prepare_seconds:.0f} s, cells {result.cells_seconds:.0f} s")
-    click.echo(f"MLflow: {result.tracking_uri}\n  report:  medtta report --results {result.results}\n"
-               f"  browse:  medtta ui --results {result.results}")
+    store = (f"--results {result.results}" if result.tracking_uri == tracking_uri_of(None, result.results)
+             else f"--tracking-uri {result.tracking_uri}")
+    click.echo(f"MLflow: {result.tracking_uri}\n  report:  medtta report {store}\n  browse:  medtta ui {store}")
     if counts["failed"]:
         sys.exit(1)
