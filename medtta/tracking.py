@@ -31,7 +31,12 @@ class Tracker:
         """`artifacts`: where a new experiment keeps its artifacts; for a database store MLflow would
         otherwise write them to ./mlruns of whatever directory the command runs in."""
         self.uri = uri
-        mlflow.set_tracking_uri(uri)
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)  # MLflow also exports it as MLFLOW_TRACKING_URI, which would then override
+        if previous is None:          # the results dir of every later run in this process: undo that
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
         name = experiment_name(protocol)
         client = mlflow.MlflowClient()
         if artifacts is not None and client.get_experiment_by_name(name) is None:
