@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medtta.adapters.base import Adapter
-from medtta.data.cache import PreparedVolume, VolumeCache, digest, validated_checksums
+from medtta.data.cache import PreparedVolume, VolumeCache, digest, save_atomic, validated_checksums
 from medtta.data.datasets import Dataset, open_dataset
 from medtta.data.layout import Case, load_volume
 from medtta.data.preprocess import to_native
@@ -177,10 +177,7 @@ class SourcePredictions:
         result = Unadapted(pred, volume_dice(pred, torch.as_tensor(prepared.volume.label), p.scored_labels)["dice"],
                            seconds)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            torch.save({"pred": pred.to(torch.int16), "dice": result.dice, "seconds": seconds}, tmp)
-            tmp.replace(path)
+            save_atomic({"pred": pred.to(torch.int16), "dice": result.dice, "seconds": seconds}, path)
         return prepared, result
 
     def in_domain_dice(self, cases: list[Case], progress: bool = True) -> float:

@@ -9,6 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medtta.data.synthetic.cardiac import generate
+
 
 @pytest.fixture(autouse=True)
 def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,3 +31,18 @@ def write_nifti() -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny generated cardiac dataset folder, one per test module: site A 6 cases (4 train, 1 val, 1 test), sites
+    B and C 2 cases each."""
+    root = tmp_path_factory.mktemp("ds") / "tiny-cardiac"
+    generate(root, seed=1, cases={"A": 6, "B": 2, "C": 2}, splits={"A": [4, 1]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A results dir shared by the tests of a module, so that its source models are trained once."""
+    return tmp_path_factory.mktemp("results")

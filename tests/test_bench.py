@@ -15,21 +15,7 @@ from mlflow.tracking import MlflowClient
 from medtta.adapters.tent import Tent
 from medtta.bench import BenchConfig, Cell, engine_of, select_protocols
 from medtta.cli.main import main
-from medtta.data.synthetic.cardiac import generate
 from medtta.engine import RunConfig
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ds") / "tiny-cardiac"
-    generate(root, seed=1, cases={"A": 6, "B": 2, "C": 2}, splits={"A": [4, 1]})
-    return root
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> Path:
-    """Shared across this module so the source models are trained once."""
-    return tmp_path_factory.mktemp("results")
 
 
 def bench(dataset: Path, results: Path, *extra: str, store: Path | None = None) -> tuple[int, str]:

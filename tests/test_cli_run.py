@@ -16,24 +16,10 @@ from mlflow.tracking import MlflowClient
 from medtta.cli.main import main
 from medtta.cli.options import parse_params
 from medtta.data.layout import read_dataset, sha256
-from medtta.data.synthetic.cardiac import generate
 from medtta.metrics import dice_recovery
 
 SITE_METRICS = {"dice", "dice_LV", "dice_MYO", "dice_RV", "hd95", "dice_source", "dice_in_domain", "dice_recovery",
                 "seconds_per_volume", "collapsed_cases"}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ds") / "tiny-cardiac"
-    generate(root, seed=1, cases={"A": 6, "B": 2, "C": 2}, splits={"A": [4, 1]})
-    return root
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> Path:
-    """Shared across this module so the source model is trained once."""
-    return tmp_path_factory.mktemp("results")
 
 
 def invoke(*args: str) -> tuple[int, str, str]:

@@ -16,7 +16,6 @@ from mlflow.tracking import MlflowClient
 
 from medtta.cli.main import main
 from medtta.cli.report import report
-from medtta.data.synthetic.cardiac import generate
 from medtta.errors import MedttaError
 from medtta.report import figures
 from medtta.report.store import Cell, label_variants, matching_experiments
@@ -42,15 +41,13 @@ def _children(client: MlflowClient, parent: str) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def results(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
     """source and bn-stats on a tiny dataset, one source model trained for 2 epochs; then what the report must cope
     with: a collapsed case in bn-stats' site B run (with the slice the engine saves for a collapsed case), a failed
     parent run and a site-eval experiment."""
-    root = tmp_path_factory.mktemp("ds") / "tiny-cardiac"
-    generate(root, seed=1, cases={"A": 6, "B": 2, "C": 2}, splits={"A": [4, 1]})
     results = tmp_path_factory.mktemp("results")
     for method in METHODS:
-        outcome = CliRunner().invoke(main, ["run", "--dataset", str(root), "--source-site", "A", "--epochs", "2",
+        outcome = CliRunner().invoke(main, ["run", "--dataset", str(dataset), "--source-site", "A", "--epochs", "2",
                                             "--method", method, "--results", str(results), "-q"])
         assert outcome.exit_code == 0, outcome.stderr
     client = MlflowClient(_uri(results))

@@ -23,8 +23,18 @@ from medtta.protocol import Preprocessing
 _SHOWN_PROBLEMS = 5
 
 
-def digest(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def digest(value: object, length: int = 16) -> str:
+    """A short content hash of a JSON-able value (what cache file names are made of)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def save_atomic(value: object, path: Path) -> None:
+    """`torch.save` through a temporary file of this process, so that a reader (or another worker writing the same
+    file) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(value, tmp)
+    tmp.replace(path)
 
 
 def _data_files(root: Path) -> list[Path]:
@@ -65,7 +75,6 @@ class PreparedVolume:
     """A case as the engine uses it: its network slices, and the reference labels and spacing of the native
     volume that predictions are brought back to."""
 
-    case_id: str
     slices: torch.Tensor  # (slices, 1, H, W) float
     volume: Volume  # label and spacing of the native volume; the image is left out (the slices hold it)
 
@@ -90,15 +99,12 @@ class VolumeCache:
         if path is not None and path.is_file():
             saved = torch.load(path, weights_only=True)
             label = saved["label"].numpy()
-            return PreparedVolume(case.case_id, saved["slices"],
+            return PreparedVolume(saved["slices"],
                                   Volume(case.case_id, None, label, tuple(saved["spacing"].tolist())))
         full = load_volume(case, self.dataset.labels)
-        prepared = PreparedVolume(case.case_id, image_slices(full, self.prep),
+        prepared = PreparedVolume(image_slices(full, self.prep),
                                   Volume(case.case_id, None, full.label, full.spacing))
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers may write the same case
-            torch.save({"slices": prepared.slices, "label": torch.as_tensor(np.ascontiguousarray(full.label)),
-                        "spacing": torch.tensor(full.spacing, dtype=torch.float64)}, tmp)
-            tmp.replace(path)
+            save_atomic({"slices": prepared.slices, "label": torch.as_tensor(np.ascontiguousarray(full.label)),
+                         "spacing": torch.tensor(full.spacing, dtype=torch.float64)}, path)
         return prepared

@@ -8,7 +8,6 @@ adapter asks for (computed from the trained model on the validation split, not t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from medtta.data.cache import digest, save_atomic
 from medtta.data.layout import Dataset, load_volume, sha256
 from medtta.data.preprocess import image_slices, label_slices, to_native
 from medtta.errors import DataError
@@ -150,10 +150,6 @@ def train_stage(model: Architecture, stage: Stage, data: SourceData, seed: int, 
     return {"val_loss": -best["score"], "epoch": best["epoch"], "seconds": best["seconds"]}
 
 
-def _digest(key: list[Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def cache_key(protocol: Protocol, dataset: Dataset, architecture: str, model: Architecture) -> list[Any]:
     """Everything that changes the trained network: the training files by content (so a copied or moved dataset
     reuses its model, and an edited one does not), the architecture and the config it trains with."""
@@ -164,10 +160,7 @@ def cache_key(protocol: Protocol, dataset: Dataset, architecture: str, model: Ar
 
 
 def _save(path: Path, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    save_atomic(state, path)
     path.with_suffix(".json").write_text(json.dumps(record, indent=2))
 
 
@@ -216,7 +209,7 @@ def source_model(
     torch.manual_seed(seed)  # the same initial weights, whichever parts come from the cache
     model = build_network(architecture, 1, len(protocol.labels), **(config or {})).to(device)
     key = cache_key(protocol, dataset, architecture, model)
-    path = results / "models" / protocol.name / f"{architecture}-{protocol.source_site}-seed{seed}-{_digest(key)}.pt"
+    path = results / "models" / protocol.name / f"{architecture}-{protocol.source_site}-seed{seed}-{digest(key, 12)}.pt"
     data = SourceData(protocol, dataset)
     record = _cached(path)
     cached = record is not None
@@ -230,7 +223,7 @@ def source_model(
     for stage in model.post_training():
         stage_key = [key, stage.module, stage.epochs, stage.lr, {k: model.config[k] for k in stage.config_keys}]
         stage_keys.append(stage_key)
-        stage_path = path.with_suffix(f".{stage.module}-{_digest(stage_key)}.pt")
+        stage_path = path.with_suffix(f".{stage.module}-{digest(stage_key, 12)}.pt")
         module = getattr(model, stage.module)
         stage_record = _cached(stage_path)
         if stage_record is None:
@@ -241,7 +234,7 @@ def source_model(
             _load(module, stage_path)
         record["stages"][stage.module] = stage_record
     for name, compute in (statistics or {}).items():  # of the whole model: the network and its stages
-        stats_path = path.with_suffix(f".{name}-{_digest([key, stage_keys, name])}.pt")
+        stats_path = path.with_suffix(f".{name}-{digest([key, stage_keys, name], 12)}.pt")
         stats_record = _cached(stats_path)
         if stats_record is None:
             cached = False
