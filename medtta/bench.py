@@ -190,7 +190,7 @@ def run_cell(cell: Cell, config: BenchConfig) -> Outcome:
         except Exception as err:  # a bug in a method must not stop the grid; its traceback is kept
             log = engine.results / "bench" / f"failed-{engine.cell()}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(traceback.format_exc())
+            log.write_text(traceback.format_exc(), encoding="utf-8")
             outcome = Outcome(cell, "failed", error=f"{type(err).__name__}: {err} (traceback in {log})")
         else:
             outcome = Outcome(cell, "finished", result.run_id, metrics={

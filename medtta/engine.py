@@ -223,7 +223,7 @@ class CaseLog:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def add(self, row: dict[str, Any]) -> None:
-        with self.path.open("a", newline="") as fh:
+        with self.path.open("a", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(row))
             if fh.tell() == 0:
                 writer.writeheader()

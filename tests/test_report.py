@@ -88,7 +88,7 @@ def test_report_writes_tables_equal_to_mlflow_and_logs_figures(results: Path) ->
     assert "Logged the figures into 2 parent run(s)" in outcome.stdout
     out = results / "report"
     assert {p.name for p in (out / "synth-mri").iterdir()} == FIGURES
-    markdown = (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text(encoding="utf-8")
     assert "| source | none |" in markdown and "| bn-stats | feature |" in markdown  # the headline table
     assert "1 unfinished run(s)" in markdown and "site-hospital" not in markdown
     assert "| bn-stats | synth-mri | B | 0 | B001 |" in markdown and "RV vanished" in markdown
@@ -133,7 +133,7 @@ def test_same_seed_same_intervals_and_experiment_filter(results: Path, tmp_path:
                                               str(tmp_path / name), "--seed", "5", "--no-log-figures"])
         assert outcome.exit_code == 0, outcome.output
         assert "Logged" not in outcome.stdout
-    assert (tmp_path / "a" / "dice_by_site.csv").read_text() == (tmp_path / "b" / "dice_by_site.csv").read_text()
+    assert (tmp_path / "a" / "dice_by_site.csv").read_bytes() == (tmp_path / "b" / "dice_by_site.csv").read_bytes()
 
 
 def test_no_store_or_no_matching_experiment_is_a_clear_error(results: Path, tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def write_report(uri: str, out: Path, patterns: Sequence[str] = ("medtta/*",), b
         write_csv(out / f"{name}.csv", report.tables[name], None if report.tables[name] else [_EMPTY[name]])
     for protocol, cells in t.group(store.cells, lambda c: c.protocol).items():
         report.figures[protocol] = protocol_figures(report, protocol, cells)
-    report.markdown.write_text(report_markdown(report))
+    report.markdown.write_text(report_markdown(report), encoding="utf-8")
     count = sum(len(f) for f in report.figures.values())
     echo(f"Wrote {report.markdown}, {len(CSVS)} CSV file(s) and {count} figure(s) in {out}")
     if log_figures:

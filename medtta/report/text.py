@@ -46,7 +46,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
     """Rows with possibly different keys, as one CSV (`fields`, else the union of the keys in first-seen order)."""
     fields = fields or list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as fh:
+    with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)

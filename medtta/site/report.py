@@ -57,7 +57,7 @@ def write_outputs(result: SiteEvalResult, bundle: Bundle, data: Path) -> None:
     write_csv(out / "cases.csv", result.rows)  # again, now with the union of the columns of every case
     write_csv(out / "summary.csv", [{"method": m, **s} for m, s in result.summary.items()])
     write_csv(out / "skipped.csv", [{"path": str(p), "reason": r} for p, r in result.skipped], ["path", "reason"])
-    (out / "report.md").write_text(report_markdown(result, bundle, data))
+    (out / "report.md").write_text(report_markdown(result, bundle, data), encoding="utf-8")
 
 
 def report_markdown(result: SiteEvalResult, bundle: Bundle, data: Path) -> str:

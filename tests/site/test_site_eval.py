@@ -185,7 +185,7 @@ def test_layout_with_labels_offline_on_read_only_data(bundle: Path, dataset: Pat
     assert sorted(r.data.tags["medtta.method"] for r in runs) == ["bn-stats", "eata", "source"]
     assert all("dice_recovery" in r.data.metrics for r in runs if r.data.tags["medtta.method"] != "source")
     assert next(r for r in runs if r.data.tags["medtta.method"] == "eata").data.params["hp.fisher_alpha"] == "2000.0"
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     assert "## Accuracy" in report and "| eata |" in report and "cannot be measured" not in report
     assert "95 % percentile bootstrap intervals over cases" in report
 
@@ -237,7 +237,7 @@ def test_plain_folder_without_labels_skips_a_bad_file(bundle: Path, site_b: Path
     source = next(r for r in cases if r["method"] == "source")
     assert float(source["changed_vs_source"]) == 0 and float(source["volume_ratio_LV"]) == 1
     assert float(next(r for r in cases if r["method"] == "tent")["entropy"]) > 0
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     assert "broken.nii.gz" in report and "cannot be measured" in report
 
 
