@@ -32,7 +32,8 @@ from medtta.models.base import Architecture, SourceStatistics, SourceVolume, Sta
 from medtta.protocol import Protocol
 
 TRAINING_VERSION = 5  # 3: auxiliary passes keep the BatchNorm running statistics; 4: the fused Gaussian of N;
-# 5: N's Gaussian scales folded into its convs, the DAE grid no larger than the source volumes
+# 5: N's Gaussian scales folded into its convs, the DAE grid no larger than the source volumes, the DAE's Dice loss
+# with the background
 
 
 def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float,
