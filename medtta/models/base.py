@@ -38,17 +38,24 @@ class Stage:
     """A model trained after the segmentation network on the source site, with the network frozen.
 
     `module` is the attribute of the architecture that holds it (and its checkpoint suffix); `loss` maps a
-    batch of source volumes to the stage's training loss, lower is better on the validation volumes too;
-    `config_keys` are the architecture config keys only this stage depends on (changing them retrains the stage,
-    not the network).
+    batch of source volumes (or of what `prepare` made of them) to the stage's training loss, lower is better on the
+    validation volumes too; `config_keys` are the architecture config keys only this stage depends on (changing them
+    retrains the stage, not the network).
+
+    `setup`, when given, is called once with the train volumes before training, to fit what the stage depends on to
+    the source data (a DAE's grid); what it fits must live in the module's state, which the stage checkpoint keeps,
+    and what it returns goes into the stage record. `prepare`, when given, maps each train and val volume once, on
+    the device, to what `loss` takes (what does not change across epochs, e.g. the DAE's clean label grids).
     """
 
     module: str
-    loss: Callable[[list[SourceVolume]], torch.Tensor]
+    loss: Callable[[list[Any]], torch.Tensor]
     epochs: int
     lr: float
     config_keys: tuple[str, ...] = ()
     volumes_per_batch: int = 4
+    setup: Callable[[list[SourceVolume]], dict[str, Any]] | None = None
+    prepare: Callable[[SourceVolume], Any] | None = None
 
 
 class Architecture(nn.Module):

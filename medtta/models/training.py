@@ -31,7 +31,9 @@ from medtta.models import build_network
 from medtta.models.base import Architecture, SourceStatistics, SourceVolume, Stage
 from medtta.protocol import Protocol
 
-TRAINING_VERSION = 4  # 3: auxiliary passes keep the BatchNorm running statistics; 4: the fused Gaussian of N
+TRAINING_VERSION = 5  # 3: auxiliary passes keep the BatchNorm running statistics; 4: the fused Gaussian of N;
+# 5: N's Gaussian scales folded into its convs, the DAE grid no larger than the source volumes, the DAE's Dice loss
+# with the background
 
 
 def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float,
@@ -123,31 +125,40 @@ def train_network(model: Architecture, data: SourceData, seed: int, device: torc
 def train_stage(model: Architecture, stage: Stage, data: SourceData, seed: int, device: torch.device,
                 progress: bool = True) -> dict[str, float]:
     """Train one post-training stage on batches of source volumes, the network frozen in eval mode; keep the
-    state with the lowest validation loss (its random corruptions drawn from a fixed seed)."""
+    state with the lowest validation loss (its random corruptions drawn from a fixed seed). The stage's `setup` and
+    `prepare` run first, within the stage's seconds."""
+    start = time.perf_counter()
     module = getattr(model, stage.module)
     model.eval().requires_grad_(False)
     module.requires_grad_(True)
     rng = np.random.default_rng(seed)
-    train, val = data.volumes["train"], data.volumes["val"]
+    fitted = stage.setup(data.volumes["train"]) if stage.setup is not None else {}
 
     def on_device(volumes: list[SourceVolume]) -> list[SourceVolume]:
         return [(x.to(device), y.to(device)) for x, y in volumes]
 
+    if stage.prepare is None:  # the volumes themselves, moved to the device a batch at a time
+        train, val, fetch = data.volumes["train"], data.volumes["val"], on_device
+    else:  # what the loss takes, made once on the device
+        with torch.no_grad():
+            train, val = ([stage.prepare(on_device([v])[0]) for v in data.volumes[split]] for split in ("train", "val"))
+        fetch = list
+
     def batch_losses(epoch: int) -> Iterator[torch.Tensor]:
         for idx in _batches(len(train), stage.volumes_per_batch, rng):
-            yield stage.loss(on_device([train[i] for i in idx]))
+            yield stage.loss(fetch([train[i] for i in idx]))
 
     @torch.no_grad()
     def score() -> float:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            return -mean([float(stage.loss(on_device([v]))) for v in val])
+            return -mean([float(stage.loss(fetch([v]))) for v in val])
 
     torch.manual_seed(seed)
     best = fit(module, list(module.parameters()), stage.epochs, stage.lr, batch_losses, score,
                f"training {stage.module} on site {data.protocol.source_site}", progress)
     model.requires_grad_(True)
-    return {"val_loss": -best["score"], "epoch": best["epoch"], "seconds": best["seconds"]}
+    return {"val_loss": -best["score"], "epoch": best["epoch"], "seconds": time.perf_counter() - start, **fitted}
 
 
 def cache_key(protocol: Protocol, dataset: Dataset, architecture: str, model: Architecture) -> list[Any]:

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 
 from medtta.adapters.ae_tta import orthogonality_penalty
 from medtta.data.datasets import open_dataset
+from medtta.data.layout import load_volume
 from medtta.data.synthetic.cardiac import generate
 from medtta.errors import RegistryError
 from medtta.models import ARCHITECTURES, build_network
-from medtta.models.norm_net import Gaussian, GaussianActivation, squares_jigsaw
+from medtta.models.norm_net import GaussianActivation, GaussianBump, Normalizer, squares_jigsaw
 from medtta.models.training import source_model
 from medtta.protocol import Training, resolve_protocol
 from medtta.registry import ADAPTERS
@@ -73,11 +74,26 @@ def test_squares_jigsaw_copies_boxes_within_each_volume() -> None:
 
 
 def test_gaussian_activation_value_and_gradients() -> None:
-    """The fused exp(-(x/s)^2): its value, and gradients checked against finite differences (x and the scale)."""
+    """The fused exp(-(x/s)^2): its value, and gradients checked against finite differences."""
     act = GaussianActivation(3).double()
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.allclose(act(x), torch.exp(-(x / act.scale) ** 2))
-    assert torch.autograd.gradcheck(Gaussian.apply, (x, act.scale))
+    assert torch.autograd.gradcheck(GaussianBump.apply, (x,))
+
+
+def test_normalizer_folds_the_scales_into_its_convs() -> None:
+    """N with each scale folded into the conv before it is conv, exp(-(x/s)^2), conv, ..., + x: the same value and
+    the same gradients, the scales' included."""
+    torch.manual_seed(0)
+    n = Normalizer(channels=4).double()
+    x = torch.randn(2, 1, 9, 9, dtype=torch.float64)
+    conv1, act1, conv2, act2, conv3 = n.delta
+    plain = x + conv3(torch.exp(-(conv2(torch.exp(-(conv1(x) / act1.scale) ** 2)) / act2.scale) ** 2))
+    expected = torch.autograd.grad(plain.square().sum(), list(n.parameters()))
+    folded = n(x)
+    assert torch.allclose(folded, plain)
+    got = torch.autograd.grad(folded.square().sum(), list(n.parameters()))
+    assert all(torch.allclose(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_mae_masks_the_ratio_of_whole_patches() -> None:
@@ -142,7 +158,7 @@ def test_source_training_is_cached_per_network_and_stage(name: str, tiny_source:
     files = sorted(Path(record["checkpoint"]).parent.glob(f"{name}-A-seed0-*.pt"))
     assert len(files) == 1 + len(stages)
     again, cached = source_model(protocol, dataset, name, 0, results, device, TINY.get(name), progress=False)
-    assert cached["cached"] and cached["val_dice"] == record["val_dice"]
+    assert cached["cached"] and cached["val_dice"] == record["val_dice"] and cached["stages"] == record["stages"]
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
 
@@ -162,3 +178,21 @@ def test_changing_a_stage_setting_retrains_only_that_stage(tiny_source: tuple) -
     assert json.loads(network_file.with_suffix(".json").read_text())["val_dice"] == record["val_dice"]
     with pytest.raises(RegistryError, match="has no config key"):
         source_model(protocol, dataset, "unet-normalizer", 0, results, torch.device("cpu"), {"dea_epochs": 1})
+
+
+def test_the_dae_grid_is_no_larger_than_the_source_volumes(tiny_source: tuple) -> None:
+    """`prior_size` capped by the smallest source volume (a multiple of 4): recorded, and kept in the checkpoint."""
+    protocol, dataset, results = tiny_source
+    config = {**TINY["unet-normalizer"], "prior_size": [64, 32, 32]}
+    model, record = source_model(protocol, dataset, "unet-normalizer", 0, results, torch.device("cpu"), config,
+                                 progress=False)
+    slices = min(load_volume(c, dataset.labels).label.shape[protocol.preprocessing.slice_axis]
+                 for c in dataset.cases_of(protocol.source_site, "train"))
+    assert slices < 64 and record["stages"]["dae"]["grid"] == [slices // 4 * 4, 32, 32]
+    assert model.prior_size() == (slices // 4 * 4, 32, 32)
+    fresh = build_network("unet-normalizer", 1, len(protocol.labels), **config)
+    assert fresh.prior_size() == (64, 32, 32)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.prior_size() == model.prior_size()
+    probabilities = torch.rand(slices, len(protocol.labels), 40, 40).softmax(1)
+    assert model.denoise(probabilities).shape == probabilities.shape
