@@ -193,12 +193,6 @@ def lora_layers(encoder: nn.Module) -> list[LoraLayer]:
     return [m for m in encoder.modules() if isinstance(m, LoraLayer)]
 
 
-def lora_names(encoder: nn.Module) -> list[str]:
-    """The LoRA adapters injected into `encoder`, in injection order."""
-    layers = lora_layers(encoder)
-    return list(layers[0].lora_A) if layers else []
-
-
 def inject_lora(encoder: ImageEncoderViT, name: str, rank: int, alpha: float, blocks: list[int]) -> None:
     """A peft LoRA adapter `name` of rank `rank` on the fused qkv projection of the given blocks, B = 0 (the
     identity at start). Adapters already there stay active; requires_grad is left as it was."""
