@@ -361,7 +361,7 @@ def bench(config: BenchConfig, progress: bool = True, echo: Callable[[str], None
 def _source_of(engine: Engine) -> tuple:
     """What identifies the source model a cell adapts (cells sharing it share its unadapted predictions)."""
     c = engine.config
-    return (engine.protocol.name, engine.adapter_cls.architecture, c.seed, repr(sorted(c.arch_config.items())),
+    return (engine.protocol.name, engine.architecture_name, c.seed, repr(sorted(c.arch_config.items())),
             engine.protocol.training)
 
 

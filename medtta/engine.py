@@ -47,6 +47,7 @@ class RunConfig:
     batch_size: int = 32  # slices per batch; a batch never mixes volumes
     hparams: dict[str, Any] = field(default_factory=dict)
     arch_config: dict[str, Any] = field(default_factory=dict)  # overrides of the architecture's defaults
+    architecture: str | None = None  # None: the method's default (one of `Adapter.architectures()`)
     device: str = "auto"
     results: Path | None = None
     tracking_uri: str | None = None
@@ -118,13 +119,23 @@ def adapt_and_predict(adapter: Adapter, x: torch.Tensor, setting: str, steps: in
 
 
 def method_source_model(method: str, protocol: Protocol, dataset: Dataset, seed: int, results: Path,
-                        device: torch.device, config: dict[str, Any] | None = None, progress: bool = True
-                        ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The source model `method` adapts (its architecture, trained or cached), with the source statistics the
-    method asks for cached beside it; returns the model and its training record."""
+                        device: torch.device, config: dict[str, Any] | None = None, progress: bool = True,
+                        architecture: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The source model `method` adapts (its `architecture`, default the method's own, trained or cached), with the
+    source statistics the method asks for cached beside it; returns the model and its training record."""
     cls = ADAPTERS.get(method)
-    return source_model(protocol, dataset, cls.architecture, seed, results, device, config, progress,
-                        cls.statistics_to_compute())
+    return source_model(protocol, dataset, method_architecture(method, architecture), seed, results, device, config,
+                        progress, cls.statistics_to_compute())
+
+
+def method_architecture(method: str, architecture: str | None = None) -> str:
+    """`architecture` if `method` adapts it, the method's default when None; another fails naming the ones it adapts."""
+    known = ADAPTERS.get(method).architectures()
+    if architecture is None:
+        return known[0]
+    if architecture not in known:
+        raise MedttaError(f"architecture '{architecture}': {method} adapts {', '.join(known)}")
+    return architecture
 
 
 def create_adapter(method: str, model: torch.nn.Module, record: dict[str, Any], **hparams: Any) -> Adapter:
@@ -253,7 +264,8 @@ class Engine:
         if self.setting not in SETTINGS:
             raise MedttaError(f"--setting '{self.setting}': expected one of {', '.join(SETTINGS)}")
         self.steps = self.adapter_cls.default_steps if config.steps is None else config.steps
-        self.architecture = ARCHITECTURES.get(self.adapter_cls.architecture)
+        self.architecture_name = method_architecture(config.method, config.architecture)
+        self.architecture = ARCHITECTURES.get(self.architecture_name)
         self.architecture.check_config(config.arch_config)
         self.device = resolve_device(config.device)
         self.results = results_root(config.results)
@@ -267,7 +279,7 @@ class Engine:
         hparams = {**self.adapter_cls.defaults, **c.hparams}
         return {"method": c.method, "setting": self.setting, "steps": self.steps, "batch_size": c.batch_size,
                 "seed": c.seed, "device": self.device.type, "source_site": p.source_site,
-                "target_sites": ",".join(p.target_sites), "architecture": self.adapter_cls.architecture,
+                "target_sites": ",".join(p.target_sites), "architecture": self.architecture_name,
                 "train_epochs": p.training.epochs, "train_lr": p.training.lr,
                 "input_size": "x".join(map(str, p.preprocessing.size)), "input_spacing": p.preprocessing.spacing,
                 **{f"hp.{k}": v for k, v in hparams.items()},
@@ -279,7 +291,7 @@ class Engine:
 
     def tags(self) -> dict[str, Any]:
         p = self.protocol
-        return {"medtta.method": self.config.method, "medtta.architecture": self.adapter_cls.architecture,
+        return {"medtta.method": self.config.method, "medtta.architecture": self.architecture_name,
                 "medtta.paradigm": self.adapter_cls.paradigm, "medtta.protocol": p.name, "medtta.modality": p.modality,
                 "medtta.setting": self.setting, "medtta.seed": self.config.seed, "medtta.site": p.source_site,
                 "medtta.cell": self.cell(), "medtta.host": socket.gethostname(), "medtta.pid": os.getpid()}
@@ -289,7 +301,7 @@ class Engine:
         """The source model (trained or cached), its training record and its cached unadapted predictions."""
         c = self.config
         model, record = method_source_model(c.method, self.protocol, dataset, c.seed, self.results, self.device,
-                                            c.arch_config, c.progress)
+                                            c.arch_config, c.progress, self.architecture_name)
         return model, record, SourcePredictions(model, record, self.protocol, volumes, self.device, c.batch_size,
                                                 self.cache)
 

@@ -10,6 +10,7 @@ import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
@@ -130,11 +131,21 @@ def test_list_commands() -> None:
          "Error: Tent hyper-parameter lr expects a number, got 'fast'"),
         (["run", "-m", "tent", "-d", "nope"], "Error: --dataset 'nope' is neither a protocol"),
         (["run", "-m", "tent", "-d", "synth-mri", "-p", "lrr=1"], "Error: Tent has no hyper-parameter lrr"),
+        (["run", "-m", "tent", "-d", "synth-mri", "--architecture", "sam-tiny"],
+         "Error: architecture 'sam-tiny': tent adapts unet"),
+        (["run", "-m", "sam-lora", "-d", "synth-mri", "--checkpoint", "nope.pth"], "'nope.pth' does not exist"),
     ],
 )
 def test_bad_options(args: list[str], message: str) -> None:
     code, _, err = invoke(*args)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_checkpoint_of_no_sam_shape_fails_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "unet.pth"
+    torch.save({"conv.weight": torch.zeros(2, 1, 3, 3)}, path)
+    code, _, err = invoke("run", "-m", "sam-lora", "-d", "synth-mri", "--checkpoint", str(path))
+    assert code == 2 and f"SAM checkpoint {path}: image encoder width None is none of vit-b" in err, err
 
 
 def test_run_of_a_method_with_its_own_architecture(dataset: Path, results: Path) -> None:

@@ -42,7 +42,7 @@ def _install_plugin(root: Path, entry: str) -> None:
 
 def test_builtin_adapters_come_from_entry_points() -> None:
     assert {"source", "bn-stats", "tent"} <= set(ADAPTERS.list())
-    assert ADAPTERS.list("*tent*") == ["tent"]
+    assert ADAPTERS.list("*tent*") == ["sam-tent", "tent"]
     assert ADAPTERS.list("bn-*") == ["bn-stats"]
     assert ADAPTERS.describe("tent").startswith("Minimize the entropy")
 

@@ -26,7 +26,8 @@ PARADIGMS = ("input", "feature", "output", "prior", "none")
 class Adapter(nn.Module):
     """A model wrapped for test-time adaptation; `forward` predicts, then updates (the online setting).
 
-    Class attributes declare what the engine needs: the source `architecture` to train or load, the `paradigm`,
+    Class attributes declare what the engine needs: the source `architecture` to train or load (and
+    `other_architectures` the method also adapts, chosen with `RunConfig.architecture`), the `paradigm`,
     the hyper-parameter `defaults` (with the paper's values) and `default_steps`, the update iterations per
     volume in the episodic setting. `logits_in_objective` says whether `objective` computes the batch's
     segmentation logits (then a continual prediction costs no extra forward pass).
@@ -38,6 +39,7 @@ class Adapter(nn.Module):
     """
 
     architecture: ClassVar[str] = "unet"
+    other_architectures: ClassVar[tuple[str, ...]] = ()  # e.g. the SAM sizes of a method whose default is sam-tiny
     paradigm: ClassVar[str] = "none"
     defaults: ClassVar[dict[str, Any]] = {}
     default_steps: ClassVar[int] = 0
@@ -60,7 +62,12 @@ class Adapter(nn.Module):
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = self.make_optimizer(self.params) if self.params else None
-        self._initial_state = copy.deepcopy(self.state_dict())  # the model and anything the adapter adds
+        self._initial_state = self.snapshot()
+
+    @classmethod
+    def architectures(cls) -> tuple[str, ...]:
+        """Every source architecture the method adapts, its default first."""
+        return (cls.architecture, *cls.other_architectures)
 
     @classmethod
     def check_hparams(cls, hparams: dict[str, Any]) -> None:
@@ -145,9 +152,16 @@ class Adapter(nn.Module):
             return logits
         return self.update(x)
 
+    def snapshot(self) -> dict[str, Any]:
+        """What `reset()` restores: a copy of the whole state (the model and anything the adapter adds)."""
+        return copy.deepcopy(self.state_dict())
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        self.load_state_dict(snapshot)
+
     def reset(self) -> None:
         """Restore the exact state the adapter started from: weights, buffers and optimizer state."""
-        self.load_state_dict(self._initial_state)
+        self.restore(self._initial_state)
         if self.optimizer is not None:
             self.optimizer = self.make_optimizer(self.params)
 

@@ -28,7 +28,7 @@ def list_adapters(pattern: str) -> None:
     rows = [("METHOD", "PARADIGM", "ARCHITECTURE", "DESCRIPTION")]
     for name in ADAPTERS.list(pattern):
         cls = ADAPTERS.get(name)
-        rows.append((name, cls.paradigm, cls.architecture, ADAPTERS.describe(name)))
+        rows.append((name, cls.paradigm, ",".join(cls.architectures()), ADAPTERS.describe(name)))
     _echo_table(rows)
 
 
@@ -41,7 +41,7 @@ def list_architectures(pattern: str) -> None:
     rows = [("ARCHITECTURE", "METHODS", "CONFIG", "DESCRIPTION")]
     for name in ARCHITECTURES.list(pattern):
         cls = ARCHITECTURES.get(name)
-        methods = [m for m in ADAPTERS.list() if ADAPTERS.get(m).architecture == name]
+        methods = [m for m in ADAPTERS.list() if name in ADAPTERS.get(m).architectures()]
         config = " ".join(f"{k}={v}".replace(" ", "") for k, v in cls.defaults.items()) or "-"
         rows.append((name, ",".join(methods) or "-", config, ARCHITECTURES.describe(name)))
     _echo_table(rows)

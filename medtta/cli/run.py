@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from medtta.cli.options import engine_options, parse_params, quiet_mlflow
@@ -19,10 +21,15 @@ from medtta.cli.options import engine_options, parse_params, quiet_mlflow
               help="episodic: reset per volume, update then predict; continual: one stream of sites, "
                    "predict then update (default: the protocol's, usually episodic).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Fixes source training and adaptation.")
+@click.option("--architecture", help="Source architecture the method adapts, when it adapts several (see `medtta list "
+                                     "architectures`; default: the method's first, or the one --checkpoint fits).")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Pretrained weights the architecture starts from (a SAM or MedSAM .pth or .safetensors); "
+                   "nothing is downloaded. Same as -a checkpoint=PATH.")
 @engine_options
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
               help="Method hyper-parameter, e.g. -p lr=1e-4; repeatable.")
-def run(method, dataset, source_site, target_sites, setting, seed, steps, batch_size, params, arch_params, epochs,
+def run(method, dataset, source_site, target_sites, setting, seed, architecture, checkpoint, steps, batch_size, params, arch_params, epochs,
         device, results, tracking_uri, quiet) -> None:
     """Adapt a source model to every target site of a protocol and report Dice recovery.
 
@@ -36,8 +43,14 @@ def run(method, dataset, source_site, target_sites, setting, seed, steps, batch_
 
     quiet_mlflow()
     protocol = resolve_protocol(dataset, source_site, tuple(target_sites))
+    arch_config = parse_params(arch_params, "--arch-param")
+    if checkpoint is not None:
+        from medtta.models.sam import checkpoint_architecture
+
+        arch_config["checkpoint"] = str(checkpoint)
+        architecture = architecture or checkpoint_architecture(checkpoint)
     config = RunConfig(method=method, setting=setting, seed=seed, steps=steps, batch_size=batch_size,
-                       hparams=parse_params(params), arch_config=parse_params(arch_params, "--arch-param"),
+                       hparams=parse_params(params), arch_config=arch_config, architecture=architecture,
                        device=device, results=results, tracking_uri=tracking_uri,
                        epochs=epochs, progress=not quiet)
     result = run_protocol(protocol, config)

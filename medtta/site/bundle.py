@@ -53,7 +53,7 @@ def statistics_of(architecture: str) -> dict[str, Any]:
     found = {}
     for name in ADAPTERS.list():
         cls = ADAPTERS.get(name)
-        if cls.architecture == architecture:
+        if architecture in cls.architectures():
             found.update(cls.statistics_to_compute())
     return found
 
@@ -139,8 +139,9 @@ class Bundle:
     def check_method(self, method: str) -> None:
         """Refuse a method this bundle cannot serve: another architecture, or source statistics it lacks."""
         cls = ADAPTERS.get(method)
-        if cls.architecture != self.architecture:
-            raise BundleError(f"--methods {method}: adapts architecture '{cls.architecture}', but bundle {self.root} "
+        if self.architecture not in cls.architectures():
+            adapts = "', '".join(cls.architectures())
+            raise BundleError(f"--methods {method}: adapts architecture '{adapts}', but bundle {self.root} "
                               f"holds '{self.architecture}'; export one with `medtta export --architecture "
                               f"{cls.architecture}` and evaluate {method} with it")
         if cls.statistics and cls.statistics not in self.manifest["files"]["statistics"]:

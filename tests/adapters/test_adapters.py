@@ -15,12 +15,13 @@ from medtta.models import build_network
 from medtta.registry import ADAPTERS
 
 METHODS = ADAPTERS.list()
+SMALL = {"sam-tiny": {"image_size": 32}}  # the contract holds at any input size: 4 x 4 tokens keep it fast
 
 
 def _source_like(architecture: str) -> nn.Module:
     """A fresh network with non-trivial BatchNorm statistics, as a trained source model has."""
     torch.manual_seed(0)
-    net = build_network(architecture, 1, 4)
+    net = build_network(architecture, 1, 4, **SMALL.get(architecture, {}))
     net.train()
     with torch.no_grad():
         for _ in range(3):
