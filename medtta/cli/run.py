@@ -29,8 +29,8 @@ from medtta.cli.options import engine_options, parse_params, quiet_mlflow
 @engine_options
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
               help="Method hyper-parameter, e.g. -p lr=1e-4; repeatable.")
-def run(method, dataset, source_site, target_sites, setting, seed, architecture, checkpoint, steps, batch_size, params, arch_params, epochs,
-        device, results, tracking_uri, quiet) -> None:
+def run(method, dataset, source_site, target_sites, setting, seed, architecture, checkpoint, steps, batch_size, params,
+        arch_params, epochs, device, results, tracking_uri, quiet) -> None:
     """Adapt a source model to every target site of a protocol and report Dice recovery.
 
     Generates synthetic data and trains the source model on first use (both cached), adapts on each
