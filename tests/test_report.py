@@ -155,12 +155,13 @@ def test_qualitative_cases_put_the_worst_collapse_first() -> None:
 
 
 def test_methods_are_named_by_what_tells_their_runs_apart() -> None:
-    def cell(method: str, setting: str, **params: str) -> Cell:
-        return Cell("id", "medtta/p", "p", "MRI", method, "output", "unet", setting, 0,
-                    {"seed": "0", "device": "cpu", "steps": "1", **params}, {}, 0, [])
+    def cell(method: str, setting: str, protocol: str = "p", **params: str) -> Cell:
+        return Cell("id", f"medtta/{protocol}", protocol, "MRI", method, "output", "unet", setting, 0,
+                    {"seed": "0", "device": "cpu", "steps": "1", "train_lr": "0.001", **params}, {}, 0, [])
 
     cells = [cell("tent", "episodic", **{"hp.lr": "0.001"}), cell("tent", "episodic", **{"hp.lr": "0.0001"}),
-             cell("tent", "continual", **{"hp.lr": "0.001"}), cell("sar", "episodic", device="cuda")]
+             cell("tent", "continual", **{"hp.lr": "0.001"}), cell("sar", "episodic", device="cuda"),
+             cell("tent", "continual", "q", train_lr="0.002")]  # another protocol's schedule: the same method
     label_variants(cells)
     assert [c.label for c in cells] == ["tent (episodic) [hp.lr=0.001]", "tent (episodic) [hp.lr=0.0001]",
-                                        "tent (continual)", "sar (episodic)"]
+                                        "tent (continual)", "sar (episodic)", "tent (continual)"]

@@ -189,14 +189,16 @@ def _site_run(client: Any, run: Any, tmp: Path) -> SiteRun:
 
 def label_variants(cells: list[Cell]) -> None:
     """Name each cell's method for the tables: the method, its setting when the cells mix settings, and the
-    parameters that tell its variants apart when one method was run with several configurations."""
+    parameters that tell its variants apart when one method was run with several configurations on a protocol
+    (not those that differ between protocols, such as their training schedules: a method keeps one name across
+    modalities)."""
     several_settings = len({c.setting for c in cells}) > 1
     variants: dict[tuple, set] = {}
     for c in cells:
-        variants.setdefault((c.method, c.setting), set()).add(c.variant[2])
+        variants.setdefault((c.method, c.setting, c.protocol), set()).add(c.variant[2])
     for c in cells:
         label = c.method + (f" ({c.setting})" if several_settings else "")
-        configs = variants[(c.method, c.setting)]
+        configs = variants[(c.method, c.setting, c.protocol)]
         if len(configs) > 1:
             differing = sorted({k for config in configs for k, v in config if not all((k, v) in o for o in configs)})
             label += " [" + ", ".join(f"{k}={c.params.get(k, '-')}" for k in differing) + "]"
