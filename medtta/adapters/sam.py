@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 from torch import nn
 
 from medtta.adapters.base import Adapter
@@ -69,13 +70,14 @@ class BezierCurves(nn.Module):
         return rgb.clamp(0, 1)
 
 
+_DICE = DiceLoss(softmax=True, reduction="none", smooth_nr=1.0, smooth_dr=1.0)  # SAM-TTA's DiceLoss smooths by 1
+
+
 def soft_dice(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """(N, C) Dice loss of the softmax of `logits` against the teacher's binarized masks (its argmax, one-hot), per
-    slice and label, smoothed by 1 as SAM-TTA's `DiceLoss`."""
-    p = logits.softmax(1)
-    target = F.one_hot(teacher_logits.argmax(1), logits.shape[1]).permute(0, 3, 1, 2).to(p.dtype)
-    inter = (p * target).sum((2, 3))
-    return 1 - (2 * inter + 1) / (p.sum((2, 3)) + target.sum((2, 3)) + 1)
+    slice and label."""
+    target = F.one_hot(teacher_logits.argmax(1), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
+    return _DICE(logits, target).flatten(1)
 
 
 def spatial_kl(teacher: torch.Tensor, student: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from monai.metrics import compute_iou
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import set_adapter
@@ -96,7 +97,10 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(str(path))
     try:
-        state = _torch_load(path)
+        try:  # memory-mapped: a vit-h file is 2.5 GB
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files of torch's legacy format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # weights_only refuses pickled code; a truncated file fails to unzip
         raise MedttaError(f"SAM checkpoint {path} cannot be read as a weights-only state dict: {err}") from None
     for wrapper in ("model", "state_dict"):
@@ -105,13 +109,6 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MedttaError(f"SAM checkpoint {path} is not a state dict of tensors")
     return state
-
-
-def _torch_load(path: Path) -> Any:
-    try:  # memory-mapped: a vit-h file is 2.5 GB
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files of torch's legacy format cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def checkpoint_architecture(path: str | Path) -> str:
@@ -386,11 +383,9 @@ def layernorm_params(module: nn.Module) -> list[nn.Parameter]:
 def mask_iou(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(N, C) IoU of each label's predicted mask (argmax) with its reference; 1 where both are empty."""
     n_classes = logits.shape[1]
-    pred = F.one_hot(logits.argmax(1), n_classes).bool()
-    ref = F.one_hot(labels, n_classes).bool()
-    inter = (pred & ref).sum((1, 2)).float()
-    union = (pred | ref).sum((1, 2)).float()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    pred = F.one_hot(logits.argmax(1), n_classes).permute(0, 3, 1, 2).float()
+    ref = F.one_hot(labels, n_classes).permute(0, 3, 1, 2).float()
+    return compute_iou(pred, ref, include_background=True, ignore_empty=False)
 
 
 class SamVitB(SamModel):
