@@ -25,18 +25,24 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class SAR(Adapter):
     """Entropy minimization on reliable pixels only (entropy below 0.4 ln C), with sharpness-aware minimization
     (rho 0.05) over SGD with momentum 0.9 on the BatchNorm affine parameters, and model recovery: when the moving
-    average of the loss (0.9 / 0.1) falls below 0.2, the model and optimizer are reset.
+    average of the loss (0.9 / 0.1) falls below the threshold, the model and optimizer are reset.
 
     Per pixel, as the official code filters per image. It leaves out the deepest layers ('layer4' of a ResNet):
-    here the UNet's bottom block, whose BatchNorm stays fixed. BatchNorm uses test-batch statistics. The recovery
-    threshold is a fraction of ln C, as the margin is: the official 0.2 nats among 1000 ImageNet classes is
-    `reset_below` = 0.2 / ln 1000 of the maximum entropy (0.04 nats for 4 classes); an absolute 0.2 would reset a
-    4-class segmenter, whose background pixels are nearly certain, at almost every step. A step without reliable
-    pixels leaves the moving average as it is (the official code skips its NaN loss).
+    here the UNet's bottom block, whose BatchNorm stays fixed. BatchNorm uses test-batch statistics.
+
+    Official values kept or adapted (mr-eggplant/SAR, `main.py`, `sar.py`):
+    - `lr` 2.5e-4: the official rate for its BatchNorm ResNet-50 at batch sizes of 32 and more (medtta's default
+      batch is 32 slices); 1e-3 is its ViT value.
+    - After a reset the moving average keeps its low value, as official (`self.ema = ema` after `reset()`), so the
+      model resets again at every step until the loss average climbs back above the threshold.
+    - The recovery threshold is a fraction of ln C, as the margin is: the official 0.2 nats among 1000 ImageNet
+      classes is `reset_below` = 0.2 / ln 1000 of the maximum entropy (0.04 nats for 4 classes); an absolute 0.2
+      would reset a 4-class segmenter, whose background pixels are nearly certain, at almost every step.
+    - A step without reliable pixels leaves the moving average as it is (the official code skips its NaN loss).
     """
 
     paradigm: ClassVar[str] = "output"
-    defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "rho": 0.05, "margin": 0.4, "reset_below": 0.2 / math.log(1000)}
+    defaults: ClassVar[dict[str, Any]] = {"lr": 2.5e-4, "rho": 0.05, "margin": 0.4, "reset_below": 0.2 / math.log(1000)}
     default_steps: ClassVar[int] = 1
 
     def configure(self, model: nn.Module) -> None:
@@ -91,5 +97,4 @@ class SAR(Adapter):
         ema = loss if self.loss_ema < 0 else 0.9 * float(self.loss_ema) + 0.1 * loss
         if ema < threshold:
             self.reset()  # collapsed towards trivial solutions: back to the source model
-        else:
-            self.loss_ema.fill_(ema)
+        self.loss_ema.fill_(ema)  # kept through a reset, as official

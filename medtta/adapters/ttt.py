@@ -6,7 +6,7 @@
   (yossigandelsman/test_time_training_mae): masked reconstruction, 20 steps of SGD with momentum 0.9.
 
 Episodic is standard TTT (reset per volume, several steps); continual is online TTT (one step per batch, no
-reset). Every step draws fresh augmented copies (flips, and rotations or masks) of the batch's slices.
+reset). Every step draws fresh augmented copies (horizontal flips, and rotations or masks) of the batch's slices.
 """
 
 from __future__ import annotations
@@ -17,12 +17,16 @@ import torch
 from torch import nn
 
 from medtta.adapters.base import Adapter
+from medtta.models.base import batch_statistics
 
 
 class TestTimeTraining(Adapter):
     """Update only the shared encoder on the architecture's auxiliary loss; decoder and head stay frozen.
 
-    BatchNorm keeps its source statistics (eval mode), so only the encoder's weights move.
+    The auxiliary pass normalizes with the batch statistics of the rotated or masked copies, as the head was trained
+    in source training (on source running statistics its loss on source slices is several times its training
+    loss, so the steps would fit a mismatch, not the shift); the running statistics stay the source ones, and the
+    prediction uses them (eval mode), so only the encoder's weights move.
     """
 
     __test__ = False  # not a pytest class, despite the name
@@ -37,7 +41,8 @@ class TestTimeTraining(Adapter):
         return torch.optim.SGD(params, lr=self.hparams["lr"], momentum=self.momentum)
 
     def objective(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.model.auxiliary_loss(x), None
+        with batch_statistics(self.model):
+            return self.model.auxiliary_loss(x), None
 
 
 class RotationTTT(TestTimeTraining):

@@ -83,6 +83,17 @@ class AffineView:
 
 
 def mean_probabilities(model: nn.Module, x: torch.Tensor, views: list[View]) -> torch.Tensor:
-    """Softmax probabilities of `model` averaged over `views` of `x`, each mapped back to `x`'s grid."""
+    """Softmax probabilities of `model` averaged over `views` of `x`: each view's logits are mapped back to `x`'s
+    grid, then the softmax is taken (mmseg's order, which CoTTA's official code inherits)."""
     size = tuple(x.shape[-2:])
-    return torch.stack([view.invert(model(view.apply(x)).softmax(1), size) for view in views]).mean(0)
+    return torch.stack([view.invert(model(view.apply(x)), size).softmax(1) for view in views]).mean(0)
+
+
+def perturb_intensity(x: torch.Tensor, contrast: float, noise: float) -> torch.Tensor:
+    """(N, C, H, W) slices, each at a random contrast in [1 - `contrast`, 1 + `contrast`] around its mean, plus
+    Gaussian noise of `noise` times its standard deviation: an intensity-only augmentation, so that predictions on
+    it stay on the slice's own grid. Draws from torch's global generator."""
+    mean = x.mean((-2, -1), keepdim=True)
+    std = x.std((-2, -1), keepdim=True)
+    factor = 1 + contrast * (2 * torch.rand(len(x), *([1] * (x.dim() - 1)), device=x.device) - 1)
+    return mean + (x - mean) * factor + noise * std * torch.randn_like(x)

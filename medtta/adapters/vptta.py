@@ -15,10 +15,10 @@ from medtta.adapters.base import Adapter, MixedBatchNorm, use_batch_statistics
 from medtta.errors import MedttaError
 
 
-def mask_side(size: int, alpha: float) -> int:
-    """Pixels the prompt spans along an axis of `size` pixels: int(alpha * size), at least 1, as the official
-    `Prompt` computes it (alpha 0.01: 5 at 512, 1 at 128, 2 at 256); not made odd, as there."""
-    return max(1, int(alpha * size + 1e-9))  # the epsilon keeps products such as 0.29 * 100 from rounding down
+def mask_side(size: int, alpha: float, minimum: int = 1) -> int:
+    """Pixels the prompt spans along an axis of `size` pixels: int(alpha * size), as the official `Prompt` computes
+    it (alpha 0.01: 5 at 512, 1 at 128, 2 at 256; not made odd, as there), at least `minimum` (and at most `size`)."""
+    return min(size, max(minimum, int(alpha * size + 1e-9)))  # the epsilon keeps 0.29 * 100 from rounding down
 
 
 def _window(shape: tuple[int, ...], side: tuple[int, ...]) -> tuple[slice, slice]:
@@ -74,6 +74,7 @@ class PromptMemory(nn.Module):
         device = self.count.device
         self.register_buffer("keys", torch.zeros(self.size, math.prod(prompt_shape[-2:]), device=device))
         self.register_buffer("prompts", torch.ones(self.size, *prompt_shape, device=device))
+        self.register_buffer("seen", torch.zeros(self.size, dtype=torch.long, device=device))
         self.count.zero_()
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,9 +82,9 @@ class PromptMemory(nn.Module):
         return self.keys[self.size - n:], self.prompts[self.size - n:]
 
     @torch.no_grad()
-    def push(self, key: torch.Tensor, prompt: torch.Tensor) -> None:
-        """Append a pair, dropping the oldest when full."""
-        for bank, row in ((self.keys, key.flatten()), (self.prompts, prompt)):
+    def push(self, key: torch.Tensor, prompt: torch.Tensor, images_seen: int) -> None:
+        """Append a pair, with the image count it was learned at, dropping the oldest when full."""
+        for bank, row in ((self.keys, key.flatten()), (self.prompts, prompt), (self.seen, images_seen)):
             bank.copy_(bank.roll(-1, 0))
             bank[-1] = row
         self.count.clamp_(max=self.size - 1).add_(1)
@@ -100,11 +101,15 @@ class PromptMemory(nn.Module):
         return torch.tensordot(weights, prompts[top.indices], dims=1)
 
     @torch.no_grad()
-    def learned_prompt(self, key: torch.Tensor) -> torch.Tensor | None:
-        """The newest prompt stored under exactly `key` (learned on that very batch), else None."""
+    def learned_prompt(self, key: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """The newest prompt stored under exactly `key` (learned on that very batch) and the image count it was
+        learned at, else None."""
         keys, prompts = self.entries()
         same = (keys == key.flatten()[None]).all(1).nonzero()
-        return prompts[same[-1, 0]] if len(same) else None
+        if not len(same):
+            return None
+        row = same[-1, 0]
+        return prompts[row], int(self.seen[self.size - len(keys) + row])
 
 
 class VPTTA(Adapter):
@@ -124,9 +129,11 @@ class VPTTA(Adapter):
 
     Choices for 2D slices of volumes:
     - The prompt spans mask_side(H, alpha) x mask_side(W, alpha) pixels, computed from the slice size at run time,
-      so it covers the same fraction alpha of the spectrum as official (5 x 5 of 512 x 512): 1 x 1 (the zero
-      frequency, i.e. the slice's mean intensity) at 96 or 128, 2 x 2 at 256. The window is centred on the zero
-      frequency (official: its corner at (H - side) // 2, one bin off the centre for an odd side on an even size).
+      so it covers the same fraction alpha of the spectrum as official (5 x 5 of 512 x 512), but at least
+      `min_side` (3) bins a side: at 96-256 px alpha alone gives 1 x 1 or 2 x 2, the zero frequency (the slice's
+      mean) alone, whose amplitude keys all have cosine similarity 1, so the bank's 16 nearest would be an
+      arbitrary tie. The window is centred on the zero frequency (official: its corner at (H - side) // 2, one bin
+      off the centre for an odd side on an even size).
     - One prompt per batch (a batch is slices of one volume), shape (1, 1, side, side) shared by its slices, so
       the collected parameter keeps its shape over batches of any length and Adam's moments carry over from batch
       to batch as official's do from image to image. The bank key is the batch's mean low-frequency amplitude;
@@ -134,7 +141,9 @@ class VPTTA(Adapter):
     - Update, then predict (official: the image is predicted with the prompt just learned on it): `forward` does
       one update, then predicts. `predict` uses the prompt the bank holds under the batch's exact key (the one
       learned on it, the newest if it was learned more than once), else the bank's initial prompt; so episodic
-      prediction after `adapt` (one pass by default) uses each batch's own prompt.
+      prediction after `adapt` (one pass by default) uses each batch's own prompt, and mixes the BatchNorm
+      statistics with the image count that batch was learned at (the bank keeps it), as official predicts each
+      image right after its update.
     - The prompt's size follows the slices: a batch of another size empties the bank and restarts the prompt at
       ones of the new size (the adapter starts at 1 x 1); `predict` on a size no update has seen runs unprompted.
     - The bank and the image count persist across volumes in the continual setting (as official, over the whole
@@ -147,6 +156,7 @@ class VPTTA(Adapter):
     Hyper-parameters:
         lr: Adam learning rate (official: 0.05 on fundus, 0.01 on polyps).
         alpha: prompt side as a fraction of the slice side (official: 0.01).
+        min_side: the fewest frequency bins a side of the prompt spans (ours: 3; official images are 512 px).
         memory_size: pairs the bank holds (official: 40).
         neighbours: nearest keys that give the initial prompt (official: 16).
         temperature: of the softmax over neighbour similarities (official: 0.2).
@@ -155,7 +165,7 @@ class VPTTA(Adapter):
 
     paradigm: ClassVar[str] = "prior"
     defaults: ClassVar[dict[str, Any]] = {"lr": 0.05, "alpha": 0.01, "memory_size": 40, "neighbours": 16,
-                                          "temperature": 0.2, "warm_n": 5}
+                                          "temperature": 0.2, "warm_n": 5, "min_side": 3}
     default_steps: ClassVar[int] = 1
     logits_in_objective: ClassVar[bool] = False  # the objective's logits come before the step; VPTTA predicts after
 
@@ -174,13 +184,13 @@ class VPTTA(Adapter):
         return [self.prompt]
 
     def tracked_state(self) -> set[str]:
-        return {"memory.count", "memory.keys", "memory.prompts", "images_seen"}
+        return {"memory.count", "memory.keys", "memory.prompts", "memory.seen", "images_seen"}
 
     def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.hparams["lr"], betas=(0.9, 0.99))
 
     def _side(self, x: torch.Tensor) -> tuple[int, int]:
-        return tuple(mask_side(n, self.hparams["alpha"]) for n in x.shape[-2:])
+        return tuple(mask_side(n, self.hparams["alpha"], self.hparams["min_side"]) for n in x.shape[-2:])
 
     def _key(self, x: torch.Tensor) -> torch.Tensor:
         return low_frequency_amplitude(x, self._side(x)).mean((0, 1))
@@ -192,9 +202,10 @@ class VPTTA(Adapter):
         if self.optimizer is not None:
             self.optimizer.state.pop(self.prompt, None)
 
-    def _mix(self) -> None:
-        """Set every BatchNorm layer's source weight from the number of updates so far."""
-        batch_weight = 1 / (math.sqrt(int(self.images_seen)) / self.hparams["warm_n"] + 1)
+    def _mix(self, images_seen: int | None = None) -> None:
+        """Set every BatchNorm layer's source weight from a number of updates (default: those so far)."""
+        n = int(self.images_seen) if images_seen is None else images_seen
+        batch_weight = 1 / (math.sqrt(n) / self.hparams["warm_n"] + 1)
         for norm in self.norms:
             norm.source_weight = 1 - batch_weight
 
@@ -212,7 +223,7 @@ class VPTTA(Adapter):
             self.prompt.copy_(torch.ones_like(self.prompt) if start is None else start)
         self.images_seen += 1
         super().update(x)
-        self.memory.push(key, self.prompt.detach())
+        self.memory.push(key, self.prompt.detach(), int(self.images_seen))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,9 +231,12 @@ class VPTTA(Adapter):
         if self.prompt.shape[-2:] != self._side(x):
             return self.model(x)
         key = self._key(x)
-        prompt = self.memory.learned_prompt(key)
-        if prompt is None:
+        learned = self.memory.learned_prompt(key)
+        if learned is None:
             prompt = self.memory.initial_prompt(key, self.hparams["neighbours"], self.hparams["temperature"])
+        else:
+            prompt, images_seen = learned
+            self._mix(images_seen)  # the statistics this batch's prompt was learned with
         return self.model(x if prompt is None else apply_prompt(x, prompt))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -131,6 +131,23 @@ def running_statistics_kept(module: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
+@contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of `module` normalize with the batch's own statistics (as in training) and leave their running
+    statistics as they are; their mode is restored afterwards. For an auxiliary pass at test time that must see
+    its inputs as source training did (TTT heads were trained on rotated or masked copies' batch statistics)."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.train()
+    try:
+        with running_statistics_kept(module):
+            yield
+    finally:
+        for m, mode in zip(layers, modes, strict=True):
+            m.train(mode)
+
+
 def weights_under_batch_statistics(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter but the conv biases a BatchNorm cancels when it normalizes with batch statistics (in MONAI
     `Convolution` blocks, conv then norm): their gradient is zero up to rounding, which Adam would blow up into

@@ -31,9 +31,10 @@ from medtta.models import build_network
 from medtta.models.base import Architecture, SourceStatistics, SourceVolume, Stage
 from medtta.protocol import Protocol
 
-TRAINING_VERSION = 5  # 3: auxiliary passes keep the BatchNorm running statistics; 4: the fused Gaussian of N;
+TRAINING_VERSION = 6  # 3: auxiliary passes keep the BatchNorm running statistics; 4: the fused Gaussian of N;
 # 5: N's Gaussian scales folded into its convs, the DAE grid no larger than the source volumes, the DAE's Dice loss
-# with the background
+# with the background; 6: TTT heads on horizontal flips only, TTT-MAE's per-patch normalized target, He et al.'s
+# output autoencoder
 
 
 def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float,

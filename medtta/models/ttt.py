@@ -21,11 +21,10 @@ from medtta.models.unet import UNetModel
 
 
 def random_flips(x: torch.Tensor) -> torch.Tensor:
-    """Each slice flipped left-right and/or up-down at random: the augmented copies both TTT papers use."""
-    flip_h = torch.rand(len(x), device=x.device) < 0.5
-    flip_v = torch.rand(len(x), device=x.device) < 0.5
-    x = torch.where(flip_h[:, None, None, None], x.flip(-1), x)
-    return torch.where(flip_v[:, None, None, None], x.flip(-2), x)
+    """Each slice flipped left-right at random, as both TTT papers augment (horizontal flips only: a flip up-down
+    as well would make a 180° rotation, so that the rotation task could not tell k from k + 2 quarter turns)."""
+    flip = torch.rand(len(x), device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 class AuxiliaryUNet(UNetModel):
@@ -58,17 +57,22 @@ class RotationUNet(AuxiliaryUNet):
         self.head = nn.Sequential(nn.Conv2d(self.channels[-1], 64, 3, padding=1), nn.ReLU(),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4))
 
-    def auxiliary_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the predicted rotation of flipped slices, each rotated by a random multiple of 90°.
-        Slices of one shape run through the encoder together (all of them when the slices are square)."""
+    def rotation_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each slice flipped at random and rotated by a random multiple of 90°: the head's (N, 4) logits and the
+        rotations (N,) in the order of `x`. Slices of one shape run through the encoder together (all of them when
+        the slices are square)."""
         rotations = torch.randint(0, 4, (len(x),), device=x.device)
         rotated = [torch.rot90(s, k, dims=(-2, -1)) for s, k in zip(random_flips(x), rotations.tolist(), strict=True)]
-        losses = []
+        logits = torch.empty(len(x), 4, device=x.device)
         for shape in dict.fromkeys(r.shape for r in rotated):
             chosen = [i for i, r in enumerate(rotated) if r.shape == shape]
-            logits = self.head(self.encode(torch.stack([rotated[i] for i in chosen]))[-1])
-            losses.append(F.cross_entropy(logits, rotations[chosen], reduction="sum"))
-        return torch.stack(losses).sum() / len(x)
+            logits = logits.index_put((torch.tensor(chosen, device=x.device),),
+                                      self.head(self.encode(torch.stack([rotated[i] for i in chosen]))[-1]))
+        return logits, rotations
+
+    def auxiliary_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the predicted rotation of randomly flipped and rotated copies of the slices."""
+        return F.cross_entropy(*self.rotation_logits(x))
 
 
 class MaskedUNet(AuxiliaryUNet):
@@ -92,9 +96,21 @@ class MaskedUNet(AuxiliaryUNet):
         mask = mask.view(n, 1, *grid).repeat_interleave(self.patch, 2).repeat_interleave(self.patch, 3)
         return mask[..., :h, :w]
 
+    def normalized_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` with every patch normalized to zero mean and unit variance (MAE's `norm_pix_loss` target, which
+        TTT-MAE's checkpoints are trained with: the head predicts each patch's structure, not its brightness)."""
+        n, c, h, w = x.shape
+        rows, cols = -(-h // self.patch), -(-w // self.patch)
+        padded = F.pad(x, (0, cols * self.patch - w, 0, rows * self.patch - h), mode="replicate")
+        patches = padded.view(n, c, rows, self.patch, cols, self.patch)
+        mean = patches.mean((1, 3, 5), keepdim=True)
+        var = patches.var((1, 3, 5), keepdim=True)
+        return ((patches - mean) / (var + 1e-6).sqrt()).view_as(padded)[..., :h, :w]
+
     def auxiliary_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean squared error on the masked pixels of flipped slices whose masked patches are zeroed."""
+        """Mean squared error, on the masked pixels, between the reconstruction of flipped slices whose masked
+        patches are zeroed and the per-patch normalized slices (MAE: the loss on masked patches only)."""
         x = random_flips(x)
         mask = self.patch_mask(x)
         reconstruction = self.head(self.encode(x * (1 - mask))[-1])[..., : x.shape[-2], : x.shape[-1]]
-        return (((reconstruction - x) ** 2) * mask).sum() / mask.sum().clamp(min=1)
+        return (((reconstruction - self.normalized_patches(x)) ** 2) * mask).sum() / mask.sum().clamp(min=1)

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from medtta.adapters.base import PARADIGMS
-from medtta.engine import adapt_and_predict
+from medtta.data.preprocess import to_native
+from medtta.engine import adapt_and_predict, create_adapter
 from medtta.errors import MedttaError, RegistryError
+from medtta.metrics import volume_dice
 from medtta.models import build_network
 from medtta.registry import ADAPTERS
 
@@ -133,6 +135,35 @@ def test_source_statistics_leave_the_model_as_it_is_and_are_required(method: str
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(MedttaError, match=f"needs the source statistics '{cls.statistics}'"):
         ADAPTERS.create(method, model)
+
+
+#: how much Dice adapting where there is no shift may cost (the source site's own test volumes)
+HARM_TOLERANCE = 0.02
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("setting", ["episodic", "continual"])
+def test_adapting_at_the_source_site_does_no_harm(method: str, setting: str, trained_sources) -> None:
+    """Applied where there is no shift, a method must leave a trained source model about where it was: the mean
+    Dice on the source site's test volumes after adaptation (the method's defaults) is at least the unadapted Dice
+    minus `HARM_TOLERANCE`."""
+    cls = ADAPTERS.get(method)
+    source = trained_sources(cls.architecture)
+    adapter = create_adapter(method, copy.deepcopy(source.model), source.record)
+    unadapted, adapted = [], []
+    torch.manual_seed(0)
+    for volume in source.source_tests():
+        reference, labels = torch.as_tensor(volume.volume.label), source.protocol.scored_labels
+        with torch.no_grad():
+            logits = source.model(volume.slices)
+        unadapted.append(volume_dice(to_native(logits, volume.volume, source.protocol.preprocessing), reference,
+                                     labels)["dice"])
+        logits = adapt_and_predict(adapter, volume.slices, setting, cls.default_steps, 32)
+        adapted.append(volume_dice(to_native(logits, volume.volume, source.protocol.preprocessing), reference,
+                                   labels)["dice"])
+    before, after = sum(unadapted) / len(unadapted), sum(adapted) / len(adapted)
+    assert before > 0.6, f"the source model is not trained enough for the check: Dice {before:.3f}"
+    assert after >= before - HARM_TOLERANCE, f"{method} ({setting}) lowers source-site Dice {before:.3f} -> {after:.3f}"
 
 
 def test_tent_updates_exactly_the_batchnorm_affine_parameters(model: nn.Module, batch: torch.Tensor) -> None:

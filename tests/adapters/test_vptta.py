@@ -51,7 +51,8 @@ def test_a_prompt_changes_only_the_low_frequencies(batch: torch.Tensor) -> None:
 def test_the_mask_covers_the_same_fraction_of_the_spectrum_at_every_size() -> None:
     assert mask_side(512, 0.01) == 5  # the official 5 x 5 prompt
     assert mask_side(352, 0.01) == 3  # the official polyp size
-    assert [mask_side(n, 0.01) for n in (32, 96, 128, 256)] == [1, 1, 1, 2]  # our slices: the zero frequency, or 2
+    assert [mask_side(n, 0.01) for n in (32, 96, 128, 256)] == [1, 1, 1, 2]  # alpha alone: the zero frequency, or 2
+    assert [mask_side(n, 0.01, 3) for n in (2, 96, 128, 512)] == [2, 3, 3, 5]  # at least 3 bins, at most the size
     assert mask_side(100, 0.29) == 29  # no rounding down of 28.999...
     assert _window((512, 512), (5, 5)) == (slice(254, 259), slice(254, 259))  # centred on the DC bin, 256
 
@@ -59,11 +60,12 @@ def test_the_mask_covers_the_same_fraction_of_the_spectrum_at_every_size() -> No
 def test_the_memory_is_first_in_first_out_at_its_size() -> None:
     memory = PromptMemory(40, (1, 1, 1, 2))
     for i in range(45):
-        memory.push(torch.tensor([float(i), 1.0]), torch.full((1, 1, 1, 2), float(i)))
+        memory.push(torch.tensor([float(i), 1.0]), torch.full((1, 1, 1, 2), float(i)), 100 + i)
     keys, prompts = memory.entries()
     assert int(memory.count) == 40 and keys[:, 0].tolist() == list(range(5, 45))
     assert prompts[:, 0, 0, 0, 0].tolist() == list(range(5, 45))
-    assert torch.equal(memory.learned_prompt(torch.tensor([7.0, 1.0])), torch.full((1, 1, 1, 2), 7.0))
+    prompt, seen = memory.learned_prompt(torch.tensor([7.0, 1.0]))
+    assert torch.equal(prompt, torch.full((1, 1, 1, 2), 7.0)) and seen == 107
     assert memory.learned_prompt(torch.tensor([2.0, 1.0])) is None  # dropped
 
 
@@ -71,7 +73,7 @@ def test_the_initial_prompt_weights_the_nearest_prompts_by_their_similarity() ->
     memory = PromptMemory(40, (1, 1, 1, 2))
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.2]])
     for i, key in enumerate(keys):
-        memory.push(key, torch.full((1, 1, 1, 2), float(i)))
+        memory.push(key, torch.full((1, 1, 1, 2), float(i)), i + 1)
     query = torch.tensor([1.0, 0.2])
     assert memory.initial_prompt(query, neighbours=5, temperature=0.2) is None  # fewer pairs than neighbours
     similarity = F.cosine_similarity(keys, query[None], dim=1)
@@ -102,7 +104,7 @@ def test_the_batch_statistics_weight_decays_with_the_updates(batch: torch.Tensor
 
 
 def test_updates_learn_the_prompt_only_and_reset_restores_everything(batch: torch.Tensor) -> None:
-    adapter = _vptta(alpha=0.1)  # a 3 x 3 prompt on 32 x 32 slices
+    adapter = _vptta()  # a 3 x 3 prompt on 32 x 32 slices (min_side)
     initial = copy.deepcopy(adapter.state_dict())
     unet = copy.deepcopy(adapter.model.state_dict())
     for b in (batch, batch.flip(-1), batch * 0.5):
@@ -121,3 +123,25 @@ def test_updates_learn_the_prompt_only_and_reset_restores_everything(batch: torc
 def test_neighbours_beyond_the_memory_fail() -> None:
     with pytest.raises(MedttaError, match="neighbours"):
         _vptta(neighbours=41)
+
+
+def test_the_default_prompt_keeps_enough_frequencies_for_the_bank_to_tell_batches_apart(batch: torch.Tensor) -> None:
+    """At alpha 0.01 a 96-128 px slice gives a 1 x 1 window: every key is the mean amplitude, every cosine similarity
+    is 1 and the nearest prompts are an arbitrary tie. With 3 x 3 keys, different batches have different keys."""
+    adapter = _vptta()
+    keys = [adapter._key(b) for b in (batch, batch.flip(-2) * 0.5 + 1, torch.randn_like(batch))]
+    assert keys[0].shape == (3, 3)
+    similarity = F.cosine_similarity(keys[0].flatten()[None], torch.stack([k.flatten() for k in keys[1:]]), dim=1)
+    assert similarity.max() < 0.999
+
+
+def test_episodic_prediction_mixes_each_batch_with_its_own_image_count() -> None:
+    """Official VPTTA predicts each image right after its update, with the same image count: a volume of several
+    batches is predicted batch by batch with the count each batch was learned at, not the final one."""
+    volume = torch.randn(6, 1, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 + 1
+    episodic = _vptta()
+    episodic.reset()
+    episodic.adapt(volume, steps=1, batch_size=2)
+    online = _vptta()
+    expected = torch.cat([online(b) for b in volume.split(2)])  # update, then predict, batch by batch
+    assert torch.allclose(torch.cat([episodic.predict(b) for b in volume.split(2)]), expected, atol=1e-5)
