@@ -193,9 +193,10 @@ def run_cell(cell: Cell, config: BenchConfig) -> Outcome:
             log.write_text(traceback.format_exc(), encoding="utf-8")
             outcome = Outcome(cell, "failed", error=f"{type(err).__name__}: {err} (traceback in {log})")
         else:
+            harm = {"source_site_harm": result.source_site.summary["source_site_harm"]} if result.source_site else {}
             outcome = Outcome(cell, "finished", result.run_id, metrics={
                 "dice": mean([s.summary["dice"] for s in result.sites]),
-                "dice_recovery": mean([s.summary["dice_recovery"] for s in result.sites])})
+                "dice_recovery": mean([s.summary["dice_recovery"] for s in result.sites]), **harm})
     outcome.seconds, outcome.warnings = time.perf_counter() - start, messages
     return outcome
 
@@ -365,9 +366,10 @@ def _source_of(engine: Engine) -> tuple:
             engine.protocol.training)
 
 
-def summary_table(result: BenchResult) -> str:
-    """Dice recovery per method (rows) and protocol (columns, with the setting when both ran): the mean over
-    seeds of each cell's mean over target sites, ± their std with several seeds; `failed` where a cell failed."""
+def summary_table(result: BenchResult, metric: str = "dice_recovery", title: str = "recovery") -> str:
+    """Dice recovery (or another parent-run `metric`, named `title`) per method (rows) and protocol (columns, with
+    the setting when both ran): the mean over seeds of each cell's mean over target sites, ± their std with several
+    seeds; `failed` where a cell failed."""
     columns = list(dict.fromkeys((o.cell.protocol.name, o.cell.setting) for o in result.outcomes))
     both = len({setting for _, setting in columns}) > 1
     methods = list(dict.fromkeys(o.cell.method for o in result.outcomes))
@@ -377,11 +379,11 @@ def summary_table(result: BenchResult) -> str:
         for protocol, setting in columns:
             mine = [o for o in result.outcomes if (o.cell.method, o.cell.protocol.name, o.cell.setting)
                     == (method, protocol, setting)]
-            values = [o.metrics.get("dice_recovery", math.nan) for o in mine if o.status in ("finished", "skipped")]
+            values = [o.metrics.get(metric, math.nan) for o in mine if o.status in ("finished", "skipped")]
             failed = sum(o.status == "failed" for o in mine)
             row.append(_mean_std(values) + (f" ({failed} failed)" if failed else ""))
         rows.append(row)
-    header = ["recovery", *(f"{p} {s}" if both else p for p, s in columns)]
+    header = [title, *(f"{p} {s}" if both else p for p, s in columns)]
     return format_table(header, rows)
 
 

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import math
 import os
 import random
 import resource
@@ -32,7 +33,7 @@ from medtta.models.training import load_statistics, source_model
 from medtta.paths import results_root
 from medtta.protocol import SETTINGS, Protocol
 from medtta.registry import ADAPTERS, ARCHITECTURES
-from medtta.stats import summarize_cases
+from medtta.stats import mean_dice_change, summarize_cases
 from medtta.tracking import Tracker, tracking_uri
 
 
@@ -53,6 +54,11 @@ class RunConfig:
     tracking_uri: str | None = None
     epochs: int | None = None  # None: the protocol's source-training epochs
     progress: bool = True
+    source_site_check: bool = False  # also adapt on the source site's test cases, as a stream of their own
+
+
+#: `medtta.site_role` of a child run: a target site, or the source site of the "do no harm" check
+TARGET, SOURCE = "target", "source"
 
 
 @dataclass
@@ -60,6 +66,7 @@ class SiteResult:
     site: str
     rows: list[dict[str, Any]]
     summary: dict[str, float]
+    role: str = TARGET
 
 
 @dataclass
@@ -69,10 +76,11 @@ class RunResult:
     setting: str
     dice_in_domain: float
     in_domain_cases: int  # the source test cases the in-domain Dice rests on
-    sites: list[SiteResult]
+    sites: list[SiteResult]  # the target sites
     run_id: str
     tracking_uri: str
     results: Path
+    source_site: SiteResult | None = None  # the source-site check, when `config.source_site_check`
 
 
 def resolve_device(name: str) -> torch.device:
@@ -282,12 +290,15 @@ class Engine:
                 "target_sites": ",".join(p.target_sites), "architecture": self.architecture_name,
                 "train_epochs": p.training.epochs, "train_lr": p.training.lr,
                 "input_size": "x".join(map(str, p.preprocessing.size)), "input_spacing": p.preprocessing.spacing,
-                **{f"hp.{k}": v for k, v in hparams.items()},
+                "source_site_check": c.source_site_check, **{f"hp.{k}": v for k, v in hparams.items()},
                 **{f"arch.{k}": v for k, v in {**self.architecture.defaults, **c.arch_config}.items()}}
 
     def cell(self) -> str:
         """The identity of what this run computes: a finished run with the same cell need not run again."""
-        return digest([self.params(), dataclasses.asdict(dataclasses.replace(self.protocol, source=""))])
+        params = self.params()
+        if not params["source_site_check"]:  # the identity cells had before the check existed: old stores resume
+            del params["source_site_check"]
+        return digest([params, dataclasses.asdict(dataclasses.replace(self.protocol, source=""))])
 
     def tags(self) -> dict[str, Any]:
         p = self.protocol
@@ -325,15 +336,31 @@ class Engine:
             seed_everything(c.seed)
             adapter = create_adapter(c.method, copy.deepcopy(model), record, **c.hparams).to(self.device)
             out_dir = self.results / "runs" / p.name / run_id
-            sites = [self._run_site(site, dataset, unadapted, adapter, tracker, {**tags, "medtta.site": site},
-                                    in_domain, out_dir) for site in p.target_sites]
-            tracker.log_metrics(self._parent_metrics(sites))
-        return RunResult(p, c, self.setting, in_domain, len(source_tests), sites, run_id, uri, out_dir)
+            sites = [self._run_site(site, TARGET, dataset, unadapted, adapter, tracker, tags, in_domain, out_dir)
+                     for site in p.target_sites]
+            metrics = self._parent_metrics(sites)
+            check = self._source_site_check(dataset, unadapted, adapter, tracker, tags, out_dir)
+            if check is not None:
+                metrics["source_site_harm"] = check.summary["source_site_harm"]
+            tracker.log_metrics(metrics)
+        return RunResult(p, c, self.setting, in_domain, len(source_tests), sites, run_id, uri, out_dir, check)
 
-    def _run_site(self, site: str, dataset: Dataset, unadapted: SourcePredictions, adapter: Adapter,
+    def _source_site_check(self, dataset: Dataset, unadapted: SourcePredictions, adapter: Adapter, tracker: Tracker,
+                           tags: dict[str, Any], out_dir: Path) -> SiteResult | None:
+        """"Do no harm": the source site's test cases as a stream of their own, after the target sites, from the
+        reset adapter and the run's seed, so that neither stream depends on the other (None without the check)."""
+        if not self.config.source_site_check:
+            return None
+        adapter.reset()
+        seed_everything(self.config.seed)
+        return self._run_site(self.protocol.source_site, SOURCE, dataset, unadapted, adapter, tracker, tags,
+                              math.nan, out_dir)
+
+    def _run_site(self, site: str, role: str, dataset: Dataset, unadapted: SourcePredictions, adapter: Adapter,
                   tracker: Tracker, tags: dict[str, Any], in_domain: float, out_dir: Path) -> SiteResult:
+        """One site's child run (`role`: a target site, or the source site of the check) and its summary."""
         c = self.config
-        with tracker.run(site, tags, nested=True):
+        with tracker.run(site, {**tags, "medtta.site": site, "medtta.site_role": role}, nested=True):
             log, shown = CaseLog(out_dir / f"cases-{site}.csv"), {}
             try:
                 for case in tqdm(dataset.cases_of(site, "test"), desc=f"{c.method} on site {site}", unit="volume",
@@ -343,9 +370,9 @@ class Engine:
             finally:
                 tracker.log_table(log.rows, "cases")
             self._log_qualitative(dataset, log.rows, shown, out_dir / "slices" / site, tracker)
-            summary = {**summarize_cases(log.rows, in_domain), "dice_in_domain": in_domain}
+            summary = site_summary(log.rows, role, in_domain)
             tracker.log_metrics(summary)
-        return SiteResult(site, log.rows, summary)
+        return SiteResult(site, log.rows, summary, role)
 
     def _parent_metrics(self, sites: list[SiteResult]) -> dict[str, float]:
         """Means over target sites; the recovery again as `dice_recovery_<MODALITY>`, so MLflow ranks methods per
@@ -392,6 +419,16 @@ class Engine:
             np.savez_compressed(path, image=take_slice(image, int(arrays["index"]), axis).astype(np.float32),
                                 **{k: v.astype(np.int16) for k, v in arrays.items() if k != "index"})
             tracker.log_artifact(path, "slices")
+
+
+def site_summary(rows: list[dict[str, Any]], role: str, in_domain: float) -> dict[str, float]:
+    """What a site's child run logs. On the source site there is no gap to recover: no recovery, but
+    `source_site_harm`, the mean over cases of adapted minus unadapted Dice (negative: adaptation harms)."""
+    if role == TARGET:
+        return {**summarize_cases(rows, in_domain), "dice_in_domain": in_domain}
+    summary = summarize_cases(rows, math.nan)
+    del summary["dice_recovery"]
+    return {**summary, "source_site_harm": mean_dice_change(rows)}
 
 
 def most_foreground_slice(reference: torch.Tensor, axis: int) -> int:

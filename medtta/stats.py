@@ -163,12 +163,19 @@ class SiteCases:
         """Mean Dice over cases, per seed."""
         return nanmean(self.dice, axis=1)
 
+    def seed_change(self) -> np.ndarray:
+        """Mean over cases of adapted minus unadapted Dice, per seed."""
+        return nanmean(self.dice - self.dice_source, axis=1)
+
     def seed_recovery(self) -> np.ndarray:
         """Dice recovery per seed: of the seed's mean Dice, mean unadapted Dice and in-domain Dice."""
         return _recovery(nanmean(self.dice, axis=1), nanmean(self.dice_source, axis=1), self.dice_in_domain)
 
     def _dice_of(self, idx: np.ndarray) -> np.ndarray:
         return nanmean(nanmean(self.dice[:, idx], axis=-1), axis=0)
+
+    def _change_of(self, idx: np.ndarray) -> np.ndarray:
+        return nanmean(nanmean((self.dice - self.dice_source)[:, idx], axis=-1), axis=0)
 
     def _recovery_of(self, idx: np.ndarray) -> np.ndarray:
         adapted, source = nanmean(self.dice[:, idx], axis=-1), nanmean(self.dice_source[:, idx], axis=-1)
@@ -195,6 +202,14 @@ def recovery_ci(sites: Sequence[SiteCases], resamples: int = RESAMPLES, seed: in
     its interval, cases resampled within each site. Over one site it is the site's recovery; over every target site
     of every protocol of a modality it is the headline, Dice recovery per modality."""
     return _over_sites(sites, SiteCases._recovery_of, resamples, seed, confidence)
+
+
+def change_ci(sites: Sequence[SiteCases], resamples: int = RESAMPLES, seed: int = 0,
+              confidence: float = CONFIDENCE) -> Estimate:
+    """Mean over `sites` of each site's mean over seeds and cases of adapted minus unadapted Dice, with its interval,
+    cases resampled within each site. On the source site (no domain shift) it is the source-site harm: below 0,
+    adaptation lowers the Dice it should leave alone."""
+    return _over_sites(sites, SiteCases._change_of, resamples, seed, confidence)
 
 
 def seed_values(sites: Sequence[SiteCases], per_site: Callable[[SiteCases], np.ndarray]) -> list[float]:
@@ -275,6 +290,12 @@ def summarize_cases(rows: Sequence[Mapping[str, Any]], dice_in_domain: float,
     if any("seconds_source" in r for r in rows):
         summary["seconds_per_volume_source"] = mean([as_float(r.get("seconds_source")) for r in rows])
     return summary
+
+
+def mean_dice_change(rows: Sequence[Mapping[str, Any]]) -> float:
+    """Mean over cases of adapted minus unadapted Dice (`dice - dice_source`; NaN pairs left out): a run's
+    `source_site_harm` on the source site's cases."""
+    return mean([as_float(r.get("dice")) - as_float(r.get("dice_source")) for r in rows])
 
 
 def case_intervals(rows: Sequence[Mapping[str, Any]], dice_in_domain: float, resamples: int = RESAMPLES,

@@ -65,6 +65,30 @@ def test_grid_runs_every_cell_once_and_shares_the_unadapted_predictions(dataset:
     assert len(parents(results)) == 4
 
 
+def test_include_source_site_reaches_every_cell_and_is_a_cell_of_its_own(dataset: Path, results: Path,
+                                                                          tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    code, out = bench(dataset, results, "--methods", "source,bn-stats", "--include-source-site", store=store)
+    assert code == 0, out
+    assert re.search(r"source-site harm +synth-mri\n.*\nsource +0\.000\n", out)  # the unadapted model: no change
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    for run in parents(store):
+        assert run.data.params["source_site_check"] == "True"
+        children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        roles = {r.data.tags["medtta.site"]: r.data.tags["medtta.site_role"] for r in children}
+        assert roles == {"A": "source", "B": "target", "C": "target"}
+        assert run.data.metrics["source_site_harm"] == next(
+            r.data.metrics["source_site_harm"] for r in children if r.data.tags["medtta.site"] == "A")
+    harm = {r.data.tags["medtta.method"]: r.data.metrics["source_site_harm"] for r in parents(store)}
+    assert harm["source"] == 0.0
+    code, out = bench(dataset, results, "--methods", "source,bn-stats", "--include-source-site", store=store)
+    assert code == 0 and "2 of 2 cell(s) already finished" in out  # resumable like any cell
+    checked = BenchConfig(("tent",), (select_protocols(str(dataset), "A")[0],),
+                          run=RunConfig(method="source", epochs=2, results=results, source_site_check=True))
+    assert engine_of(Cell("tent", checked.protocols[0], 0, "episodic"), checked).cell() != cell_key(
+        dataset, results, "tent")  # with the check a cell is another cell; without it, the one it always was
+
+
 def test_a_cell_left_running_by_a_dead_process_is_marked_killed_and_run_again(dataset: Path, results: Path,
                                                                               tmp_path: Path) -> None:
     store = tmp_path / "store"

@@ -248,3 +248,58 @@ def test_cuda_requested_without_cuda(dataset: Path, results: Path) -> None:
         pytest.skip("this machine has CUDA")
     code, _, err = invoke(*run_args(dataset, results, "--method", "source", "--device", "cuda"))
     assert code == 2 and "--device cuda: no CUDA device is available" in err
+
+
+def _cases(run_id: str, results: Path) -> list[dict]:
+    table = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="cases.json", tracking_uri=uri(results))).read_text())
+    return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+
+
+def _children_of(results: Path, parent) -> dict[str, object]:
+    return {r.data.tags["medtta.site"]: r for r in runs_of(results)
+            if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+
+@pytest.mark.parametrize("setting", ["episodic", "continual"])
+def test_source_site_check_is_a_stream_of_its_own_that_leaves_the_target_sites_alone(
+        dataset: Path, results: Path, setting: str) -> None:
+    parents = []
+    for extra in ((), ("--include-source-site",)):
+        code, out, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", setting, *extra))
+        assert code == 0, err
+        parents.append([r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags][-1])
+    assert "Source site A (its own stream, 1 case(s)): Dice" in out and "source-site harm" in out
+    plain, checked = parents
+    assert (plain.data.params["source_site_check"], checked.data.params["source_site_check"]) == ("False", "True")
+    assert plain.data.tags["medtta.cell"] != checked.data.tags["medtta.cell"]
+    assert "source_site_harm" not in plain.data.metrics
+
+    children = _children_of(results, checked)
+    assert {site: r.data.tags["medtta.site_role"] for site, r in children.items()} == {
+        "A": "source", "B": "target", "C": "target"}
+    source = children["A"].data.metrics
+    assert {"dice", "dice_source", "source_site_harm", "collapsed_cases"} <= set(source)
+    assert "dice_recovery" not in source  # no gap to recover on the source site
+    rows = _cases(children["A"].info.run_id, results)
+    harm = np.mean([r["dice"] - r["dice_source"] for r in rows])
+    assert source["source_site_harm"] == pytest.approx(harm) == checked.data.metrics["source_site_harm"]
+    assert source["dice_source"] == pytest.approx(checked.data.metrics["dice_in_domain"])  # the same cases, unadapted
+    assert (results / "runs" / "synth-mri" / checked.info.run_id / "cases-A.csv").is_file()
+
+    before = _children_of(results, plain)  # the target sites' numbers are exactly those of a run without the check
+    for site in ("B", "C"):
+        for key in ("dice", "dice_source", "dice_recovery", "hd95", "collapsed_cases"):
+            assert children[site].data.metrics[key] == before[site].data.metrics[key], (site, key)
+    for key in ("dice", "dice_source", "dice_recovery", "dice_recovery_MRI", "collapsed_cases"):
+        assert checked.data.metrics[key] == plain.data.metrics[key], key
+    assert checked.data.metrics["dice_recovery"] == pytest.approx(
+        np.mean([children[s].data.metrics["dice_recovery"] for s in ("B", "C")]))  # over the target sites only
+
+    # from a reset adapter: the source site's numbers do not depend on the target stream before it
+    code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", setting, "--target-site", "C",
+                                    "--include-source-site"))
+    assert code == 0, err
+    alone = _children_of(results, [r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags][-1])["A"]
+    for key in ("dice", "source_site_harm"):
+        assert alone.data.metrics[key] == source[key], key

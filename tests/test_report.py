@@ -92,6 +92,7 @@ def test_report_writes_tables_equal_to_mlflow_and_logs_figures(results: Path) ->
     assert "| source | none |" in markdown and "| bn-stats | feature |" in markdown  # the headline table
     assert "1 unfinished run(s)" in markdown and "site-hospital" not in markdown
     assert "| bn-stats | synth-mri | B | 0 | B001 |" in markdown and "RV vanished" in markdown
+    assert "source-site harm" not in markdown.lower() and not (out / "source_site.csv").exists()  # no check ran
 
     parents = {(r.data.tags["medtta.method"], int(r.data.tags["medtta.seed"])): r for r in _parents(client)}
     children = {key: _children(client, run.info.run_id) for key, run in parents.items()}
@@ -125,6 +126,40 @@ def test_report_writes_tables_equal_to_mlflow_and_logs_figures(results: Path) ->
         assert logged == {f"report/{name}" for name in FIGURES}
         run = client.get_run(run_id)
         assert (run.info.status, run.info.end_time) == (status, end_time)
+
+
+def test_source_site_harm_column_only_where_the_check_ran(dataset: Path, results: Path, tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the module's model, another store
+    for method, extra in (("source", ()), ("bn-stats", ("--include-source-site",))):
+        outcome = CliRunner().invoke(main, ["run", "--dataset", str(dataset), "--source-site", "A", "--epochs", "2",
+                                            "--method", method, "--results", str(results), "--tracking-uri", store,
+                                            "-q", *extra])
+        assert outcome.exit_code == 0, outcome.output
+    outcome = CliRunner().invoke(report, ["--tracking-uri", store, "--out", str(tmp_path / "report"),
+                                          "--no-log-figures"])
+    assert outcome.exit_code == 0, outcome.output
+    out = tmp_path / "report"
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "| method | paradigm | MRI | source-site harm |" in markdown
+    assert "| source | none |" in markdown and "| n/a |" in markdown  # source ran without the check
+
+    client = MlflowClient(store)
+    bn_stats = next(r for r in _parents(client) if r.data.tags["medtta.method"] == "bn-stats")
+    child = _children(client, bn_stats.info.run_id)["A"]
+    harm = child.data.metrics["source_site_harm"]
+    modality = {r["method"]: r for r in _csv(out / "recovery_by_modality.csv")}
+    assert float(modality["bn-stats"]["source_site_harm"]) == pytest.approx(harm)
+    assert modality["bn-stats"]["source_site_cases"] == "1" and modality["source"]["source_site_harm"] == ""
+    assert modality["bn-stats"]["sites"] == "2" and float(modality["bn-stats"]["dice_recovery"]) == pytest.approx(
+        bn_stats.data.metrics["dice_recovery"])  # the source site is no target site
+    assert {(r["method"], r["site"]) for r in _csv(out / "dice_by_site.csv")} == {
+        (m, s) for m in ("source", "bn-stats") for s in ("B", "C")}
+    [row] = _csv(out / "source_site.csv")
+    assert (row["method"], row["site"], row["cases"], row["seeds"]) == ("bn-stats", "A", "1", "1")
+    assert float(row["source_site_harm"]) == pytest.approx(harm)
+    assert float(row["dice_source"]) == pytest.approx(child.data.metrics["dice_source"])
+    assert "Source-site check: the methods adapting on source site A's own test cases" in markdown
+    assert "**Source-site harm**" in markdown
 
 
 def test_same_seed_same_intervals_and_experiment_filter(results: Path, tmp_path: Path) -> None:

@@ -123,3 +123,15 @@ def test_summarize_cases() -> None:
     assert "seconds_per_volume_source" not in unlabeled
     intervals = stats.case_intervals(_rows([0.6, 0.8, 0.7], [0.5, 0.5, 0.5]), 0.9)
     assert intervals["dice_ci_low"] < 0.7 < intervals["dice_ci_high"] and 0 < intervals["p_vs_source"] <= 0.25
+
+
+def test_dice_change_is_the_mean_per_case_difference_over_seeds_and_sites() -> None:
+    rows = _rows([0.9, 0.7, math.nan, 0.8], [0.9, 0.8, 0.5, 0.6])
+    assert stats.mean_dice_change(rows) == pytest.approx((0.0 - 0.1 + 0.2) / 3)  # a pair with a NaN left out
+    seeds = {0: (_rows([0.8, 0.6], [0.9, 0.7]), math.nan), 1: (_rows([0.9, 0.5], [0.9, 0.7]), math.nan)}
+    site = stats.SiteCases.from_runs("A", seeds)
+    assert site.seed_change() == pytest.approx([-0.1, -0.1])
+    other = stats.SiteCases.from_runs("X", {0: (_rows([0.5, 0.5, 0.5], [0.4, 0.5, 0.6]), math.nan)})
+    change = stats.change_ci([site, other])
+    assert change.value == pytest.approx((-0.1 + 0.0) / 2)  # sites weigh equally
+    assert change.low <= change.value <= change.high

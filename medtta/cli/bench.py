@@ -37,7 +37,7 @@ def _grouped_params(values: tuple[str, ...]) -> dict[str, dict]:
                    "GPU cells asking for a GPU. Needs pip install 'medtta[ray]'.")
 @engine_options
 def bench(methods, datasets, seeds, setting, source_site, params, workers, executor, steps, batch_size, arch_params,
-          epochs, device, results, tracking_uri, quiet) -> None:
+          epochs, source_site_check, device, results, tracking_uri, quiet) -> None:
     """Run every method on every protocol and seed (a grid of cells), as `medtta run` would, and summarize.
 
     Datasets are checked and source models trained (with their unadapted predictions) once, before any cell
@@ -59,13 +59,15 @@ def bench(methods, datasets, seeds, setting, source_site, params, workers, execu
     chosen = select_methods(methods)
     run = RunConfig(method="source", steps=steps, batch_size=batch_size,
                     arch_config=parse_params(arch_params, "--arch-param"), device=device, results=results,
-                    tracking_uri=tracking_uri, epochs=epochs)
+                    tracking_uri=tracking_uri, epochs=epochs, source_site_check=source_site_check)
     config = BenchConfig(methods=chosen, protocols=select_protocols(datasets, source_site), seeds=seed_list,
                          settings=("episodic", "continual") if setting == "both" else (setting,),
                          hparams=method_params(_grouped_params(params), chosen), run=run, workers=workers,
                          executor=executor)
     result = run_bench(config, progress=not quiet, echo=click.echo)
     click.echo("\n" + summary_table(result))
+    if source_site_check:
+        click.echo("\n" + summary_table(result, "source_site_harm", "source-site harm"))
     counts = {s: sum(o.status == s for o in result.outcomes) for s in ("finished", "skipped", "failed", "running")}
     click.echo(f"\n{len(result.outcomes)} cell(s): {counts['finished']} run, {counts['skipped']} already finished, "
                f"{counts['failed']} failed, {counts['running']} running elsewhere; source models and unadapted "

@@ -68,6 +68,9 @@ engine_options = _apply([
                  help="Source-architecture config, e.g. -a dae_epochs=20 (see `medtta list architectures`); "
                       "repeatable. Part of the source model's cache key."),
     click.option("--epochs", type=click.IntRange(min=1), help="Source-training epochs (default: the protocol's)."),
+    click.option("--include-source-site", "source_site_check", is_flag=True,
+                 help="Also adapt on the source site's own test cases, as a separate stream, and report the Dice "
+                      "change there (source-site harm)."),
     click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
                  help="auto uses CUDA when present."),
     RESULTS,

@@ -22,6 +22,7 @@ from medtta.report.text import markdown_table, write_csv
 from medtta.stats import PARADIGMS, Estimate
 
 CSVS = ("recovery_by_modality", "dice_by_site", "by_paradigm", "cost", "collapses")
+CHECK_CSVS = ("source_site",)  # written only when some run made the source-site check
 FIGURES = ("recovery_heatmap", "dice_per_site", "cost_vs_recovery", "qualitative")
 ARTIFACT_DIR = "report"  # figures land in each parent run as report/<figure>.png
 
@@ -46,7 +47,13 @@ def compute_tables(cells: list[Cell], boot: t.Bootstrap = t.DEFAULT) -> dict[str
     """Every table of the report, by CSV name (see `medtta.report.tables`)."""
     by_modality = t.recovery_by_modality(cells, boot)
     return {"recovery_by_modality": by_modality, "dice_by_site": t.dice_by_site(cells, boot),
-            "by_paradigm": t.by_paradigm(by_modality), "cost": t.cost(cells), "collapses": t.collapses(cells)}
+            "by_paradigm": t.by_paradigm(by_modality), "cost": t.cost(cells), "collapses": t.collapses(cells),
+            "source_site": t.source_site(cells, boot)}
+
+
+def csv_names(tables: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The CSVs a report writes: every table, and the source-site check's when it has rows."""
+    return [*CSVS, *(name for name in CHECK_CSVS if tables[name])]
 
 
 def write_report(uri: str, out: Path, patterns: Sequence[str] = ("medtta/*",), boot: t.Bootstrap = t.DEFAULT,
@@ -61,13 +68,13 @@ def write_report(uri: str, out: Path, patterns: Sequence[str] = ("medtta/*",), b
     echo(f"Statistics: {len(store.cells)} cell(s), {boot.resamples} bootstrap resamples (seed {boot.seed})")
     report = Report(out, store, boot, compute_tables(store.cells, boot))
     out.mkdir(parents=True, exist_ok=True)
-    for name in CSVS:
+    for name in csv_names(report.tables):
         write_csv(out / f"{name}.csv", report.tables[name], None if report.tables[name] else [_EMPTY[name]])
     for protocol, cells in t.group(store.cells, lambda c: c.protocol).items():
         report.figures[protocol] = protocol_figures(report, protocol, cells)
     report.markdown.write_text(report_markdown(report), encoding="utf-8")
     count = sum(len(f) for f in report.figures.values())
-    echo(f"Wrote {report.markdown}, {len(CSVS)} CSV file(s) and {count} figure(s) in {out}")
+    echo(f"Wrote {report.markdown}, {len(csv_names(report.tables))} CSV file(s) and {count} figure(s) in {out}")
     if log_figures:
         log_to_runs(report)
         echo(f"Logged the figures into {len(report.logged_runs)} parent run(s) as {ARTIFACT_DIR}/<figure>.png")
@@ -134,12 +141,19 @@ def _ci(row: dict[str, Any], key: str, digits: int = 3) -> str:
 
 
 def headline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Dice recovery per modality: a row per method, a column per modality."""
+    """Dice recovery per modality: a row per method, a column per modality, and after a modality whose runs made the
+    source-site check, its source-site harm."""
     modalities = list(dict.fromkeys(r["modality"] for r in rows))
+    checked = {r["modality"] for r in rows if "source_site_harm" in r}
+    columns = [(mod, key) for mod in modalities for key in ("dice_recovery", "source_site_harm")
+               if key == "dice_recovery" or mod in checked]
     cells = {(r["method"], r["modality"]): r for r in rows}
     methods = {r["method"]: r["paradigm"] for r in rows}
-    return (["method", "paradigm", *modalities],
-            [[m, p, *(_ci(cells[m, mod], "dice_recovery") if (m, mod) in cells else "-" for mod in modalities)]
+    several = len(modalities) > 1
+    header = [mod if key == "dice_recovery" else "source-site harm" + (f" ({mod})" if several else "")
+              for mod, key in columns]
+    return (["method", "paradigm", *header],
+            [[m, p, *(_ci(cells[m, mod], key) if (m, mod) in cells else "-" for mod, key in columns)]
              for m, p in methods.items()])
 
 
@@ -161,6 +175,13 @@ def site_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                      _ci(r, "dice_recovery"), _p(r["p_vs_source"]), str(r["collapsed_cases"])] for r in rows]
 
 
+def source_site_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "site", "cases × seeds", "Dice [95 % CI] ±seeds", "unadapted Dice",
+              "source-site harm [95 % CI] ±seeds", "Wilcoxon p", "collapsed"]
+    return header, [[r["method"], r["site"], f"{r['cases']} × {r['seeds']}", _ci(r, "dice"), _num(r["dice_source"]),
+                     _ci(r, "source_site_harm"), _p(r["p_vs_source"]), str(r["collapsed_cases"])] for r in rows]
+
+
 def cost_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "protocol", "s/volume", "unadapted s/volume", "× unadapted", "peak memory (MB)"]
     return header, [[r["method"], r["protocol"], _num(r["seconds_per_volume"]), _num(r["seconds_per_volume_source"]),
@@ -177,7 +198,8 @@ def collapse_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str
 
 def report_markdown(report: Report) -> str:
     store, tables, boot = report.store, report.tables, report.boot
-    cases = sum(len(s.rows) for c in store.cells for s in c.sites)
+    cases = sum(len(s.rows) for c in store.cells for s in t.all_sites(c))
+    checked = bool(tables["source_site"])
     left_out = [f"{store.unfinished} unfinished run(s) (running, failed or killed)" if store.unfinished else "",
                 f"{store.duplicates} older run(s) of a cell run again" if store.duplicates else ""]
     parts = [
@@ -190,7 +212,10 @@ def report_markdown(report: Report) -> str:
         f"{boot.seed}; `±` is the standard deviation over seeds", "",
         "## Dice recovery per modality", "",
         "The headline: recovery over every target site of every protocol of the modality (a site's recovery is "
-        "averaged over seeds; sites weigh equally; cases are resampled within each site).", "",
+        "averaged over seeds; sites weigh equally; cases are resampled within each site)."
+        + (" Source-site harm: the mean over the source sites' test cases of adapted minus unadapted Dice, the "
+           "methods adapting there as a stream of their own (no domain shift: below 0, adaptation harms)."
+           if checked else ""), "",
         markdown_table(*headline_table(tables["recovery_by_modality"])), "",
         "## By paradigm", "",
         "Mean Dice of each paradigm's methods over the modality's target sites, next to no adaptation (the mean "
@@ -210,6 +235,11 @@ def report_markdown(report: Report) -> str:
                   f"{', '.join(sorted({c.setting for c in cells}))}; seeds "
                   f"{', '.join(map(str, sorted({c.seed for c in cells})))}.", "",
                   markdown_table(*site_table(rows)), ""]
+        source = [r for r in tables["source_site"] if r["protocol"] == protocol]
+        if source:
+            parts += [f"Source-site check: the methods adapting on source site {source[0]['site']}'s own test cases "
+                      "(no domain shift), as a stream of their own; not part of any number above.", "",
+                      markdown_table(*source_site_table(source)), ""]
         for path in report.figures.get(protocol, []):
             parts += [f"![{path.stem.replace('_', ' ')}]({path.relative_to(report.out).as_posix()})", ""]
         if not any(p.stem == "qualitative" for p in report.figures.get(protocol, [])):
@@ -235,5 +265,9 @@ def report_markdown(report: Report) -> str:
         f"`collapse`) when a foreground label of the reference vanishes from the adapted prediction, or, in runs that "
         f"log foreground volumes, the predicted foreground shrinks below {COLLAPSE_FRACTION:.0%} of the unadapted "
         "prediction's. Collapsed cases are listed above, never averaged away.",
-        f"- Per-row numbers with every interval bound: {', '.join(f'`{n}.csv`' for n in CSVS)}.", ""]
+        *(["- **Source-site harm** = mean over the source site's test cases of (adapted Dice - unadapted Dice), "
+           "the method adapting on them after a reset, as a stream of its own (`medtta run --include-source-site`): "
+           "with no domain shift, adaptation should change nothing; below 0 it harms. Recovery is undefined there "
+           "(no gap), and the source site enters no recovery or target-site number."] if checked else []),
+        f"- Per-row numbers with every interval bound: {', '.join(f'`{n}.csv`' for n in csv_names(tables))}.", ""]
     return "\n".join(parts)

@@ -21,19 +21,24 @@ SITE_EVAL_PREFIX = "medtta/site-"  # `medtta site-eval` stores: not benchmark ce
 PARADIGM_ORDER = {p: k for k, p in enumerate(("none", *PARADIGMS))}  # how tables list methods
 CASES = "cases.json"
 SLICES = "slices"
-# params that do not change what a cell measures: runs differing only in these are the same method variant
-NOT_VARIANT = frozenset({"method", "setting", "seed", "device", "target_sites", "in_domain_cases"})
+SOURCE_ROLE = "source"  # `medtta.site_role` of the source-site check's child run (`medtta.engine.SOURCE`)
+# params that do not change what a cell measures: runs differing only in these are the same method variant (the
+# source-site check adds a site but leaves the target sites' numbers as they are)
+NOT_VARIANT = frozenset({"method", "setting", "seed", "device", "target_sites", "in_domain_cases",
+                         "source_site_check"})
 
 
 @dataclass
 class SiteRun:
-    """A child run: one target site of a cell, with its per-case rows and its qualitative slices (artifact paths)."""
+    """A child run: one target site of a cell (or its source site, in the source-site check), with its per-case rows
+    and its qualitative slices (artifact paths)."""
 
     run_id: str
     site: str
     metrics: dict[str, float]
     rows: list[dict[str, Any]]
     slices: list[str] = field(default_factory=list)
+    role: str = "target"  # runs logged before site roles existed are target sites
 
 
 @dataclass
@@ -52,8 +57,9 @@ class Cell:
     params: dict[str, str]
     metrics: dict[str, float]
     start_time: int
-    sites: list[SiteRun]
+    sites: list[SiteRun]  # the target sites: what every recovery and site aggregate is over
     label: str = ""  # the method as the report names it (see `label_variants`)
+    source_site: SiteRun | None = None  # the source-site check, when the run made it
 
     @property
     def variant(self) -> tuple:
@@ -165,14 +171,16 @@ def _all_runs(client: Any, experiment_ids: list[str]) -> Iterator[Any]:
 
 def _cell(client: Any, run: Any, experiment: str, children: list, tmp: Path) -> Cell:
     tags, info = run.data.tags, run.info
-    sites = [_site_run(client, child, tmp) for child in sorted(children, key=lambda c: c.info.start_time)]
+    sites = [s for s in (_site_run(client, child, tmp) for child in sorted(children, key=lambda c: c.info.start_time))
+             if s.rows]
+    source = [s for s in sites if s.role == SOURCE_ROLE]
     return Cell(run_id=info.run_id, experiment=experiment,
                 protocol=tags.get("medtta.protocol", experiment[len(PREFIX):]),
                 modality=tags.get("medtta.modality", "?"), method=tags["medtta.method"],
                 paradigm=tags.get("medtta.paradigm", "none"), architecture=tags.get("medtta.architecture", "?"),
                 setting=tags.get("medtta.setting", "?"), seed=int(tags.get("medtta.seed", 0)),
                 params=dict(run.data.params), metrics=dict(run.data.metrics), start_time=info.start_time or 0,
-                sites=[s for s in sites if s.rows])
+                sites=[s for s in sites if s.role != SOURCE_ROLE], source_site=source[-1] if source else None)
 
 
 def _site_run(client: Any, run: Any, tmp: Path) -> SiteRun:
@@ -184,7 +192,9 @@ def _site_run(client: Any, run: Any, tmp: Path) -> SiteRun:
         rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
     slices = ([a.path for a in client.list_artifacts(run_id, SLICES) if a.path.endswith(".npz")]
               if SLICES in names else [])
-    return SiteRun(run_id, run.data.tags.get("medtta.site", run.info.run_name), dict(run.data.metrics), rows, slices)
+    tags = run.data.tags
+    return SiteRun(run_id, tags.get("medtta.site", run.info.run_name), dict(run.data.metrics), rows, slices,
+                   tags.get("medtta.site_role", "target"))
 
 
 def label_variants(cells: list[Cell]) -> None:

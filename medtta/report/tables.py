@@ -1,6 +1,9 @@
 """The benchmark's tables, computed from the cells of a store (see `medtta.stats` for the statistics): Dice and
-recovery per method and target site, per method and modality, the by-paradigm table, cost and the collapsed
-cases. Every row is a flat dict, written as CSV as it is."""
+recovery per method and target site, per method and modality, the by-paradigm table, cost, the source-site check
+and the collapsed cases. Every row is a flat dict, written as CSV as it is.
+
+The source-site check's child runs (`Cell.source_site`) never enter a recovery or target-site aggregate: they give
+the `source_site_harm` columns and the `source_site` table only."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import numpy as np
 
 from medtta import stats
 from medtta.metrics import mean
-from medtta.report.store import Cell
+from medtta.report.store import SOURCE_ROLE, Cell, SiteRun
 
 
 @dataclass(frozen=True)
@@ -45,26 +48,58 @@ def site_cases(cells: list[Cell]) -> list[stats.SiteCases]:
     return [stats.SiteCases.from_runs(site, runs) for site, runs in sites.items()]
 
 
+def source_site_cases(cells: list[Cell]) -> stats.SiteCases | None:
+    """The source-site check's cases of one method variant on one protocol, over the seeds that ran it (None when
+    none did). No recovery there: the in-domain Dice is left undefined."""
+    checked = [c for c in cells if c.source_site is not None]
+    if not checked:
+        return None
+    return stats.SiteCases.from_runs(checked[0].source_site.site,
+                                     {c.seed: (c.source_site.rows, math.nan) for c in checked})
+
+
 def _estimates(prefix: str, estimate: stats.Estimate, seed_values: list[float]) -> dict[str, float]:
     _, std = stats.seed_spread(seed_values)
     return {prefix: estimate.value, f"{prefix}_ci_low": estimate.low, f"{prefix}_ci_high": estimate.high,
             f"{prefix}_seed_std": std}
 
 
+def _dice(sites: list[stats.SiteCases], boot: Bootstrap) -> dict[str, Any]:
+    """Seeds, cases, Dice with interval and spread over seeds, and unadapted Dice over `sites`."""
+    return {"seeds": len({s for site in sites for s in site.seeds}), "cases": sum(s.cases for s in sites),
+            **_estimates("dice", stats.dice_ci(sites, *_args(boot)),
+                         stats.seed_values(sites, stats.SiteCases.seed_dice)),
+            "dice_source": float(stats.nanmean([stats.nanmean(s.dice_source) for s in sites]))}
+
+
+def _args(boot: Bootstrap) -> tuple[int, int, float]:
+    return boot.resamples, boot.seed, boot.confidence
+
+
 def _summary(sites: list[stats.SiteCases], boot: Bootstrap) -> dict[str, Any]:
     """Dice, unadapted Dice and recovery over `sites` with intervals and spread over seeds, the paired test."""
-    b = (boot.resamples, boot.seed, boot.confidence)
-    return {"seeds": len({s for site in sites for s in site.seeds}), "cases": sum(s.cases for s in sites),
-            **_estimates("dice", stats.dice_ci(sites, *b), stats.seed_values(sites, stats.SiteCases.seed_dice)),
-            "dice_source": float(stats.nanmean([stats.nanmean(s.dice_source) for s in sites])),
-            **_estimates("dice_recovery", stats.recovery_ci(sites, *b),
+    return {**_dice(sites, boot),
+            **_estimates("dice_recovery", stats.recovery_ci(sites, *_args(boot)),
                          stats.seed_values(sites, stats.SiteCases.seed_recovery)),
             "p_vs_source": stats.paired_p(sites)}
 
 
+def _harm(sources: list[stats.SiteCases], boot: Bootstrap) -> dict[str, Any]:
+    """Source-site harm over the source sites of `sources` (mean adapted minus unadapted Dice, sites weighing
+    equally) with its interval and spread over seeds; nothing when no run made the check."""
+    if not sources:
+        return {}
+    return {**_estimates("source_site_harm", stats.change_ci(sources, *_args(boot)),
+                         stats.seed_values(sources, stats.SiteCases.seed_change)),
+            "source_site_cases": sum(s.cases for s in sources)}
+
+
+def _count_collapsed(site_runs: Iterable[SiteRun]) -> int:
+    return sum(stats.is_true(r.get("collapsed")) for s in site_runs for r in s.rows)
+
+
 def _collapsed(cells: list[Cell], site: str | None = None) -> int:
-    return sum(stats.is_true(r.get("collapsed")) for c in cells for s in c.sites if site in (None, s.site)
-               for r in s.rows)
+    return _count_collapsed(s for c in cells for s in c.sites if site in (None, s.site))
 
 
 def _method(cell: Cell) -> dict[str, str]:
@@ -85,14 +120,31 @@ def dice_by_site(cells: list[Cell], boot: Bootstrap) -> list[dict[str, Any]]:
 
 def recovery_by_modality(cells: list[Cell], boot: Bootstrap) -> list[dict[str, Any]]:
     """Per method variant and modality, over every target site of every protocol of the modality: the headline,
-    Dice recovery per modality, with its interval (cases resampled within each site) and seed spread."""
+    Dice recovery per modality, with its interval (cases resampled within each site) and seed spread; where the runs
+    made the source-site check, the source-site harm over the protocols' source sites."""
     rows = []
     for (modality, _), of_method in group(cells, lambda c: (c.modality, c.label)).items():
-        sites = [s for of_protocol in group(of_method, lambda c: c.protocol).values()
-                 for s in site_cases(of_protocol)]
+        protocols = group(of_method, lambda c: c.protocol).values()
+        sites = [s for of_protocol in protocols for s in site_cases(of_protocol)]
+        sources = [s for of_protocol in protocols if (s := source_site_cases(of_protocol)) is not None]
         rows.append({**_method(of_method[0]), "modality": modality,
                      "protocols": ",".join(dict.fromkeys(c.protocol for c in of_method)), "sites": len(sites),
-                     **_summary(sites, boot), "collapsed_cases": _collapsed(of_method)})
+                     **_summary(sites, boot), "collapsed_cases": _collapsed(of_method), **_harm(sources, boot)})
+    return rows
+
+
+def source_site(cells: list[Cell], boot: Bootstrap) -> list[dict[str, Any]]:
+    """Per method variant and protocol whose runs made the source-site check: Dice adapted and unadapted on the
+    source site's test cases, the source-site harm with its interval and seed spread, the Wilcoxon p against the
+    unadapted Dice, collapsed cases."""
+    rows = []
+    for (protocol, _), of_method in group(cells, lambda c: (c.protocol, c.label)).items():
+        source = source_site_cases(of_method)
+        if source is not None:
+            rows.append({**_method(of_method[0]), "protocol": protocol, "modality": of_method[0].modality,
+                         "site": source.site, **_dice([source], boot), **_harm([source], boot),
+                         "p_vs_source": stats.paired_p([source]),
+                         "collapsed_cases": _count_collapsed(c.source_site for c in of_method if c.source_site)})
     return rows
 
 
@@ -128,10 +180,20 @@ COLLAPSE_COLUMNS = ("method", "protocol", "site", "seed", "case_id", "dice", "di
 
 
 def collapses(cells: list[Cell]) -> list[dict[str, Any]]:
-    """Every collapsed case of every cell, worst Dice drop first."""
-    rows = [{**r, "method": c.label, "protocol": c.protocol, "site": s.site, "seed": c.seed, "run_id": s.run_id}
-            for c in cells for s in c.sites for r in s.rows]
+    """Every collapsed case of every cell, worst Dice drop first; the source-site check's as site `<site> (source)`
+    (listed, but never in a target-site count)."""
+    rows = [{**r, "method": c.label, "protocol": c.protocol, "site": _site_name(s), "seed": c.seed,
+             "run_id": s.run_id} for c in cells for s in all_sites(c) for r in s.rows]
     return [{k: r.get(k, "") for k in COLLAPSE_COLUMNS} for r in stats.collapses(rows)]
+
+
+def all_sites(cell: Cell) -> list[SiteRun]:
+    """The cell's target sites, then its source-site check's site when it made the check."""
+    return [*cell.sites, *([cell.source_site] if cell.source_site else [])]
+
+
+def _site_name(site: SiteRun) -> str:
+    return site.site if site.role != SOURCE_ROLE else f"{site.site} (source)"
 
 
 def case_changes(cells: list[Cell]) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from medtta.engine import RunResult
+    from medtta.engine import RunResult, SiteResult
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -36,6 +36,15 @@ def summary_table(result: RunResult) -> str:
              _fmt(s.summary["seconds_per_volume"], 2), str(int(s.summary["collapsed_cases"]))]
             for s in result.sites]
     return format_table(header, rows)
+
+
+def source_site_line(site: SiteResult) -> str:
+    """The source-site check of a run in one line: Dice adapted and unadapted, the harm, collapsed cases."""
+    s = site.summary
+    return (f"Source site {site.site} (its own stream, {int(s['cases'])} case(s)): Dice "
+            f"{_fmt(s.get('dice', math.nan))} adapted vs {_fmt(s.get('dice_source', math.nan))} unadapted; "
+            f"source-site harm {_fmt(s['source_site_harm'])} (below 0: adaptation lowers Dice without domain shift); "
+            f"{int(s['collapsed_cases'])} collapsed")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
