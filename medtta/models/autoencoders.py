@@ -1,12 +1,14 @@
-"""`unet-autoencoders`: the `unet` plus autoencoders of its frozen source features at several levels, trained
-after it (He et al., "Autoencoder based self-supervised test-time adaptation for medical image analysis",
-MedIA 2021; official code: heyufan1995/self-domain-adapted-network, `models/basemodel.py`)."""
+"""`unet-autoencoders`: the `unet` plus autoencoders of its input, of its encoder and decoder features at every
+resolution and of its output, trained after it (He, Carass, Zuo, Dewey, Prince, "Autoencoder based
+self-supervised test-time adaptation for medical image analysis", MedIA 2021; official code:
+heyufan1995/self-domain-adapted-network, `models/basemodel.py` `def_AENet` and `opt_AENet`)."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from monai.networks.layers import Norm
 from monai.networks.nets import AutoEncoder
 from torch import nn
@@ -14,40 +16,83 @@ from torch import nn
 from medtta.models.base import SourceVolume, Stage
 from medtta.models.unet import FeatureTransform, UNetModel
 
+AE_WIDTH = 64
+"""He et al.'s `--ad` (`aenet_dim`): autoencoders of one map are 32-16-8 channels wide, of a pair of maps 64-32-16."""
 
-def level_autoencoder(channels: int) -> nn.Module:
-    """A MONAI 2D convolutional autoencoder (two strided levels, instance norm, no skips) for `channels` maps."""
-    hidden = (max(16, channels), max(32, 2 * channels))
-    return AutoEncoder(spatial_dims=2, in_channels=channels, out_channels=channels, channels=hidden, strides=(2, 2),
-                       num_res_units=1, norm=Norm.INSTANCE)
+
+def level_autoencoder(channels: int, paired: bool) -> nn.Module:
+    """A MONAI 2D autoencoder shaped like He et al.'s (their `UNet(..., skip=False, isn=True)` in `def_AENet`): a
+    full-resolution residual block, two 2x downsampling blocks with halving widths, and back, instance norm, PReLU."""
+    top = AE_WIDTH if paired else AE_WIDTH // 2
+    return AutoEncoder(spatial_dims=2, in_channels=channels, out_channels=channels, channels=(top, top // 2, top // 4),
+                       strides=(1, 2, 2), num_res_units=2, norm=Norm.INSTANCE)
+
+
+def reconstruct(autoencoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`autoencoder(x)` for any H, W: replicate-padded to a multiple of 4 (its two 2x levels), and to at least 8 (an
+    InstanceNorm needs more than one pixel at its bottom), then cropped back."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (0, max(-w % 4, 8 - w), 0, max(-h % 4, 8 - h)), mode="replicate")
+    return autoencoder(padded)[..., :h, :w]
 
 
 class AutoencoderUNet(UNetModel):
-    """`unet` + autoencoders of its input and first two encoder levels, trained after it (He et al. 2021).
+    """`unet` + He et al.'s autoencoders (`models/basemodel.py`, `def_AENet`), trained after it on source slices.
 
-    He et al. tap the input and the encoder and decoder features of every level; we tap the input and encoder
-    levels 0 and 1, where the adaptors sit.
+    He et al. tap the input image, the encoder and decoder features of every resolution (concatenated per
+    resolution, one autoencoder each) and the segmentation output (raw logits: their default, no `--segsoftmax`).
+    Their test scripts weigh the levels 1,0,1,1,1,1 (`--wt`): the 0 is their full-resolution feature level, which
+    the MONAI UNet does not have (its first block downsamples). Here, for the 16-32-64-128 UNet: the input, then
+    encoder 16 + decoder 16 at 1/2, encoder 32 + decoder 32 at 1/4, encoder 64 + bottom 128 at 1/8 (He et al. pair
+    their last encoder level with the bottleneck too), then the logits; every level weighs 1.
+
+    The stage takes one source volume's slices per Adam step (He et al.: 2 slices per step, 20 epochs), so that
+    a small source site still gives the autoencoders many steps.
     """
 
     defaults: ClassVar[dict[str, Any]] = {"ae_epochs": 30, "ae_lr": 1e-3}
 
     def __init__(self, in_channels: int, n_classes: int, **config: Any) -> None:
         super().__init__(in_channels, n_classes, **config)
-        self.autoencoders = nn.ModuleList(level_autoencoder(c) for c in (in_channels, *self.channels[:-2]))
+        *upper, last, bottom = self.channels
+        paired = [*(2 * c for c in upper), last + bottom]  # encoder + decoder features of each resolution
+        self.autoencoders = nn.ModuleList([level_autoencoder(in_channels, paired=False),
+                                           *(level_autoencoder(c, paired=True) for c in paired),
+                                           level_autoencoder(n_classes, paired=False)])
+
+    def decoder_features(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The output of every decoder block, bottom to top (as `decode` runs them); the last is the logits."""
+        x, outputs = features[-1], []
+        for skip, block in zip(reversed(features[:-1]), self.decoder_blocks, strict=True):
+            x = block(torch.cat([skip, x], dim=1))
+            outputs.append(x)
+        return outputs
 
     def tapped_features(self, x: torch.Tensor, transform: FeatureTransform | None = None) -> list[torch.Tensor]:
-        """The input and the encoder features the autoencoders reconstruct (after `transform`, when given)."""
-        return [x, *self.encode(x, transform)[: len(self.autoencoders) - 1]]
+        """What the autoencoders reconstruct, in their order: the input, then per resolution from 1/2 down to the
+        bottom the encoder features concatenated with the decoder features of that resolution (the bottom block at
+        1/8), then the logits (their last map). Encoder features are taken after `transform`, when given."""
+        encoded = self.encode(x, transform)
+        decoded = self.decoder_features(encoded)
+        partners = [*reversed(decoded[:-1]), encoded[-1]]  # decoder outputs top-down, then the bottom block
+        pairs = [torch.cat([e, d], dim=1) for e, d in zip(encoded[:-1], partners, strict=True)]
+        return [x, *pairs, decoded[-1]]
+
+    def reconstruction_losses(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Mean squared reconstruction error of each level's autoencoder (He et al.'s `AELoss`, `nn.MSELoss`)."""
+        return [F.mse_loss(reconstruct(ae, f), f) for ae, f in zip(self.autoencoders, features, strict=True)]
 
     def reconstruction_loss(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Sum over levels of the mean squared reconstruction error of each level's autoencoder."""
-        return sum(((ae(f) - f) ** 2).mean() for ae, f in zip(self.autoencoders, features, strict=True))
+        """Sum over levels of the reconstruction errors (He et al.'s `opt_AENet` and `opt_ANet`, weights all 1)."""
+        return torch.stack(self.reconstruction_losses(features)).sum()
 
     def post_training(self) -> list[Stage]:
         return [Stage("autoencoders", self._autoencoder_loss, epochs=self.config["ae_epochs"],
-                      lr=self.config["ae_lr"], config_keys=("ae_epochs", "ae_lr"))]
+                      lr=self.config["ae_lr"], config_keys=("ae_epochs", "ae_lr"), volumes_per_batch=1)]
 
     def _autoencoder_loss(self, volumes: list[SourceVolume]) -> torch.Tensor:
+        # Every slice, also those without foreground (He et al. skip those batches): at test time the
+        # objective runs on every slice of a volume, so the autoencoders should know them all.
         with torch.no_grad():  # the segmentation network is frozen
             features = self.tapped_features(torch.cat([images for images, _ in volumes]))
         return self.reconstruction_loss(features)

@@ -195,11 +195,8 @@ def test_methods_update_the_part_their_paper_names(method: str, part: str) -> No
     assert {id(p) for p in adapter.params} == {id(p) for p in adapter.model.parts()[part]}
 
 
-def test_ae_tta_starts_as_the_source_model_and_adapts_only_its_adaptors(batch: torch.Tensor) -> None:
-    adapter = _adapter("ae-tta")
-    with torch.no_grad():
-        source = adapter.model(batch)
-    assert torch.allclose(adapter.predict(batch), source, atol=1e-5)  # identity-initialized adaptors
+def test_ae_tta_adapts_only_its_adaptors(batch: torch.Tensor) -> None:
+    adapter = _adapter("ae-tta")  # tests/adapters/test_ae_tta.py tests the method itself
     assert all(not n.startswith("model.") for n, p in adapter.named_parameters() if any(p is q for q in adapter.params))
 
 
