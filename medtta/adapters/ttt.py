@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from medtta.adapters.base import Adapter
-from medtta.models.base import batch_statistics
+from medtta.models.base import batch_statistics, weights_under_batch_statistics
 
 
 class TestTimeTraining(Adapter):
@@ -35,7 +35,9 @@ class TestTimeTraining(Adapter):
     momentum: ClassVar[float] = 0.0
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
-        return model.parts()["encoder"]
+        """The encoder's weights but the conv biases its BatchNorm cancels on batch statistics (zero gradient)."""
+        active = {id(p) for p in weights_under_batch_statistics(model)}
+        return [p for p in model.parts()["encoder"] if id(p) in active]
 
     def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.hparams["lr"], momentum=self.momentum)
