@@ -60,14 +60,6 @@ class AutoencoderUNet(UNetModel):
                                            *(level_autoencoder(c, paired=True) for c in paired),
                                            level_autoencoder(n_classes, paired=False)])
 
-    def decoder_features(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The output of every decoder block, bottom to top (as `decode` runs them); the last is the logits."""
-        x, outputs = features[-1], []
-        for skip, block in zip(reversed(features[:-1]), self.decoder_blocks, strict=True):
-            x = block(torch.cat([skip, x], dim=1))
-            outputs.append(x)
-        return outputs
-
     def tapped_features(self, x: torch.Tensor, transform: FeatureTransform | None = None) -> list[torch.Tensor]:
         """What the autoencoders reconstruct, in their order: the input, then per resolution from 1/2 down to the
         bottom the encoder features concatenated with the decoder features of that resolution (the bottom block at

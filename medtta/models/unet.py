@@ -60,10 +60,15 @@ class UNetModel(Architecture):
         return features
 
     def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
-        x = features[-1]
+        return self.decoder_features(features)[-1]
+
+    def decoder_features(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The output of every decoder block, bottom to top (as `decode` runs them); the last is the logits."""
+        x, outputs = features[-1], []
         for skip, block in zip(reversed(features[:-1]), self.decoder_blocks, strict=True):
             x = block(torch.cat([skip, x], dim=1))
-        return x
+            outputs.append(x)
+        return outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

@@ -159,17 +159,18 @@ def test_adapting_at_the_source_site_does_no_harm(method: str, setting: str, tra
     cls = ADAPTERS.get(method)
     source = trained_sources(cls.architecture)
     adapter = create_adapter(method, copy.deepcopy(source.model), source.record)
+    p = source.protocol
+
+    def dice(logits: torch.Tensor, volume) -> float:
+        return volume_dice(to_native(logits, volume.volume, p.preprocessing), torch.as_tensor(volume.volume.label),
+                           p.scored_labels)["dice"]
+
     unadapted, adapted = [], []
     torch.manual_seed(0)
     for volume in source.source_tests():
-        reference, labels = torch.as_tensor(volume.volume.label), source.protocol.scored_labels
         with torch.no_grad():
-            logits = source.model(volume.slices)
-        unadapted.append(volume_dice(to_native(logits, volume.volume, source.protocol.preprocessing), reference,
-                                     labels)["dice"])
-        logits = adapt_and_predict(adapter, volume.slices, setting, cls.default_steps, 32)
-        adapted.append(volume_dice(to_native(logits, volume.volume, source.protocol.preprocessing), reference,
-                                   labels)["dice"])
+            unadapted.append(dice(source.model(volume.slices), volume))
+        adapted.append(dice(adapt_and_predict(adapter, volume.slices, setting, cls.default_steps, 32), volume))
     before, after = sum(unadapted) / len(unadapted), sum(adapted) / len(adapted)
     assert before > 0.6, f"the source model is not trained enough for the check: Dice {before:.3f}"
     assert after >= before - HARM_TOLERANCE, f"{method} ({setting}) lowers source-site Dice {before:.3f} -> {after:.3f}"
