@@ -8,7 +8,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-import socket
 import statistics
 import time
 import traceback
@@ -33,7 +32,7 @@ from medtta.paths import results_root
 from medtta.protocol import SETTINGS, Protocol, list_protocols, resolve_protocol
 from medtta.registry import ADAPTERS
 from medtta.report import format_table
-from medtta.tracking import Tracker, experiment_name, tracking_uri
+from medtta.tracking import Tracker, experiment_name, stale_message, tracking_uri
 
 EXECUTORS = ("local", "ray")
 
@@ -246,16 +245,6 @@ def _with_threads(fn: Callable[..., Any], threads: int, *args: Any) -> Any:
 
 # --- resuming -----------------------------------------------------------------------------------------------------
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _parent_runs(client: MlflowClient, protocols: Iterable[Protocol]) -> dict[str, list[Run]]:
     """The parent runs of the protocols' experiments by their `medtta.cell` tag."""
     ids = [e.experiment_id for p in protocols if (e := client.get_experiment_by_name(experiment_name(p.name)))]
@@ -267,33 +256,20 @@ def _parent_runs(client: MlflowClient, protocols: Iterable[Protocol]) -> dict[st
     return by_cell
 
 
-def _mark_killed(client: MlflowClient, run: Run) -> None:
-    """A run left RUNNING by a killed process, and its running children, marked KILLED."""
-    children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
-    for r in [*children, run]:
-        if r.info.status == "RUNNING":
-            client.set_terminated(r.info.run_id, "KILLED")
-
-
 def sort_out(cells: list[Cell], config: BenchConfig, client: MlflowClient) -> tuple[list[Cell], list[Outcome]]:
-    """The cells still to run, and the outcomes of the others: finished before (skipped) or running in a live
-    process. A cell left RUNNING by a dead process of this host is marked KILLED and runs again."""
+    """The cells still to run, and the outcomes of the others: finished before (skipped) or running elsewhere
+    (stale runs of dead processes were marked KILLED before: their cells run again)."""
     runs = _parent_runs(client, config.protocols)
     todo, done = [], []
-    host = socket.gethostname()
     for cell in cells:
         found = runs.get(engine_of(cell, config).cell(), [])
         finished = [r for r in found if r.info.status == "FINISHED"]
         running = [r for r in found if r.info.status == "RUNNING"]
-        live = [r for r in running if r.data.tags.get("medtta.host") != host
-                or _alive(int(r.data.tags.get("medtta.pid", -1)))]
-        for stale in (r for r in running if r not in live):
-            _mark_killed(client, stale)
         if finished:
             run = max(finished, key=lambda r: r.info.end_time or 0)
             done.append(Outcome(cell, "skipped", run.info.run_id, metrics=dict(run.data.metrics)))
-        elif live:
-            r = live[0]
+        elif running:
+            r = running[0]
             done.append(Outcome(cell, "running", r.info.run_id, error=f"running in pid {r.data.tags.get('medtta.pid')}"
                                 f" on {r.data.tags.get('medtta.host')}"))
         else:
@@ -323,7 +299,9 @@ def bench(config: BenchConfig, progress: bool = True, echo: Callable[[str], None
     with _our_warnings() as messages:
         for protocol in config.protocols:  # checked up front; the experiments exist before workers race to create them
             prepare_dataset(protocol, results / "cache", progress)
-            Tracker(uri, protocol.name, results / "mlartifacts" if uri.startswith("sqlite:") else None)
+            tracker = Tracker(uri, protocol.name, results / "mlartifacts" if uri.startswith("sqlite:") else None)
+            for stale in tracker.close_stale_runs():
+                echo(stale_message(stale))
     shown = set(messages)
     for message in messages:
         echo(f"Warning: {message}")

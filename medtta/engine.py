@@ -14,6 +14,7 @@ import resource
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,14 @@ from medtta.data.cache import PreparedVolume, VolumeCache, digest, save_atomic, 
 from medtta.data.datasets import Dataset, open_dataset
 from medtta.data.layout import Case, load_volume
 from medtta.data.preprocess import to_native
-from medtta.errors import MedttaError
+from medtta.errors import MedttaError, MedttaWarning
 from medtta.metrics import collapse_reason, foreground_voxels, mean, volume_dice, volume_metrics
 from medtta.models.training import load_statistics, source_model
 from medtta.paths import results_root
 from medtta.protocol import SETTINGS, Protocol
 from medtta.registry import ADAPTERS, ARCHITECTURES
 from medtta.stats import mean_dice_change, summarize_cases
-from medtta.tracking import Tracker, tracking_uri
+from medtta.tracking import Tracker, stale_message, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,8 @@ class Engine:
         dataset, volumes = prepare_dataset(p, self.cache, c.progress)  # fails before any run is opened
         uri = tracking_uri(c.tracking_uri, self.results)
         tracker = Tracker(uri, p.name, self.results / "mlartifacts" if uri.startswith("sqlite:") else None)
+        for stale in tracker.close_stale_runs():  # a run killed with kill -9 would stay RUNNING for ever
+            warnings.warn(stale_message(stale), MedttaWarning, stacklevel=2)
         tags = self.tags()
         source_tests = dataset.cases_of(p.source_site, "test")
         params = {**self.params(), "in_domain_cases": len(source_tests)}

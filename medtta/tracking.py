@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
 import medtta
 
@@ -37,13 +40,17 @@ class Tracker:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous
-        name = experiment_name(protocol)
+        self.name = name = experiment_name(protocol)
         client = mlflow.MlflowClient()
         if artifacts is not None and client.get_experiment_by_name(name) is None:
             client.create_experiment(name, artifact_location=(artifacts / name).as_uri())
         mlflow.set_experiment(name)
         # MLflow 3's UI opens an untagged experiment on its GenAI overview; this shows the runs table
         mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")
+
+    def close_stale_runs(self) -> list[Run]:
+        """Marks KILLED the runs of this experiment left RUNNING by dead processes of this host; returns them."""
+        return close_stale_runs(MlflowClient(tracking_uri=self.uri), mlflow.get_experiment_by_name(self.name))
 
     @contextmanager
     def run(self, name: str, tags: dict[str, Any], params: dict[str, Any] | None = None,
@@ -70,3 +77,46 @@ class Tracker:
     @staticmethod
     def log_artifact(path: Path, folder: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def is_stale(run: Run) -> bool:
+    """Left RUNNING by a process of this host that is gone (kill -9, a power cut): it will never end by itself.
+    A run of another host, or without a pid, cannot be told apart from a live one."""
+    tags = run.data.tags
+    return (run.info.status == "RUNNING" and tags.get("medtta.host") == socket.gethostname()
+            and tags.get("medtta.pid", "").isdigit() and not _process_alive(int(tags["medtta.pid"])))
+
+
+def mark_killed(client: MlflowClient, run: Run) -> None:
+    """A stale run, and its running children, marked KILLED."""
+    children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    for r in [*children, run]:
+        if r.info.status == "RUNNING":
+            client.set_terminated(r.info.run_id, "KILLED")
+
+
+def close_stale_runs(client: MlflowClient, experiment: Any) -> list[Run]:
+    """Marks KILLED the parent runs of `experiment` (an MLflow Experiment, or None) that are stale, with their
+    children; returns them. `medtta run` and `medtta bench` both start with it."""
+    if experiment is None:
+        return []
+    running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=50000)
+    stale = [r for r in running if "mlflow.parentRunId" not in r.data.tags and is_stale(r)]
+    for run in stale:
+        mark_killed(client, run)
+    return stale
+
+
+def stale_message(run: Run) -> str:
+    return (f"run '{run.info.run_name}' ({run.info.run_id}) was left RUNNING by process {run.data.tags['medtta.pid']}, "
+            "which is gone: marked KILLED")

@@ -106,6 +106,7 @@ def test_a_cell_left_running_by_a_dead_process_is_marked_killed_and_run_again(da
     code, out = bench(dataset, results, "--methods", "bn-stats,tent", store=store)
     assert code == 0, out
     assert f"tent · synth-mri · seed 0: running in pid {os.getpid()}" in out and "1 running elsewhere" in out
+    assert f"({stale.info.run_id}) was left RUNNING by process {dead.pid}, which is gone: marked KILLED" in out
     assert client.get_run(stale.info.run_id).info.status == "KILLED"
     assert client.get_run(child.info.run_id).info.status == "KILLED"
     assert client.get_run(live.info.run_id).info.status == "RUNNING"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -100,6 +102,26 @@ def test_target_site_and_continual_setting(dataset: Path, results: Path) -> None
     parent = [r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags][-1]
     assert parent.data.tags["medtta.setting"] == "continual" and parent.data.params["target_sites"] == "C"
     assert "\nC " in out and "\nB " not in out
+
+
+def test_a_run_left_running_by_a_dead_process_is_marked_killed(dataset: Path, results: Path) -> None:
+    client = client_for(results)
+    exp = client.get_experiment_by_name("medtta/synth-mri").experiment_id
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    here = {"medtta.host": socket.gethostname()}
+    stale = client.create_run(exp, tags={**here, "medtta.pid": str(dead.pid)}, run_name="tent · synth-mri · seed 0")
+    child = client.create_run(exp, tags={"mlflow.parentRunId": stale.info.run_id})
+    live = client.create_run(exp, tags={**here, "medtta.pid": str(os.getpid())})
+    elsewhere = client.create_run(exp, tags={"medtta.host": "another-host", "medtta.pid": str(dead.pid)})
+    code, _, err = invoke(*run_args(dataset, results, "--method", "bn-stats", "--target-site", "C"))
+    assert code == 0, err
+    assert (f"Warning: run 'tent · synth-mri · seed 0' ({stale.info.run_id}) was left RUNNING by process {dead.pid}, "
+            "which is gone: marked KILLED") in err
+    status = {r: client.get_run(r.info.run_id).info.status for r in (stale, child, live, elsewhere)}
+    assert list(status.values()) == ["KILLED", "KILLED", "RUNNING", "RUNNING"]
+    for run in (live, elsewhere):
+        client.set_terminated(run.info.run_id)
 
 
 def test_list_commands() -> None:
