@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from medtta.engine import Engine, RunConfig, prepare_dataset, run_name
 from medtta.errors import MedttaError, MedttaWarning
 from medtta.metrics import mean
 from medtta.paths import results_root
+from medtta.progress import progress_bar
 from medtta.protocol import SETTINGS, Protocol, list_protocols, resolve_protocol
 from medtta.registry import ADAPTERS
 from medtta.report import format_table
@@ -322,12 +323,13 @@ def bench(config: BenchConfig, progress: bool = True, echo: Callable[[str], None
         if outcome.status == "failed":
             bar.write(f"{outcome.cell.name}: FAILED: {outcome.error}")
 
-    with tqdm(total=len(sources), desc="source models", unit="model", disable=not progress or not sources) as bar:
+    with progress_bar(total=len(sources), desc="source models", unit="model",
+                      disable=not progress or not sources) as bar:
         for outcome in execute(warm_source, [(c, config) for c in sources], config.workers, config.executor):
             show(outcome, bar)
             bar.update()
     prepare_seconds = time.perf_counter() - start
-    with tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress or not todo) as bar:
+    with progress_bar(total=len(todo), desc="cells", unit="cell", disable=not progress or not todo) as bar:
         for outcome in execute(run_cell, [(c, config) for c in todo], config.workers, config.executor):
             outcomes.append(outcome)
             show(outcome, bar)

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from medtta.adapters.base import Adapter
 from medtta.data.cache import PreparedVolume, VolumeCache, digest, save_atomic, validated_checksums
@@ -32,6 +31,7 @@ from medtta.errors import MedttaError, MedttaWarning
 from medtta.metrics import collapse_reason, foreground_voxels, mean, volume_dice, volume_metrics
 from medtta.models.training import load_statistics, source_model
 from medtta.paths import results_root
+from medtta.progress import progress_bar
 from medtta.protocol import SETTINGS, Protocol
 from medtta.registry import ADAPTERS, ARCHITECTURES
 from medtta.stats import mean_dice_change, summarize_cases
@@ -202,7 +202,7 @@ class SourcePredictions:
 
     def in_domain_dice(self, cases: list[Case], progress: bool = True) -> float:
         """Mean Dice of the unadapted model on the source site's test `cases`: the reference of Dice recovery."""
-        return mean([self.of(case)[1].dice for case in tqdm(
+        return mean([self.of(case)[1].dice for case in progress_bar(
             cases, desc=f"in-domain Dice on site {self.protocol.source_site}", unit="volume", disable=not progress,
             leave=False)])
 
@@ -366,8 +366,8 @@ class Engine:
         with tracker.run(site, {**tags, "medtta.site": site, "medtta.site_role": role}, nested=True):
             log, shown = CaseLog(out_dir / f"cases-{site}.csv"), {}
             try:
-                for case in tqdm(dataset.cases_of(site, "test"), desc=f"{c.method} on site {site}", unit="volume",
-                                 disable=not c.progress, leave=False):
+                for case in progress_bar(dataset.cases_of(site, "test"), desc=f"{c.method} on site {site}",
+                                         unit="volume", disable=not c.progress, leave=False):
                     row, shown[case.case_id] = self._evaluate_case(case, site, unadapted, adapter)
                     log.add(row)
             finally:

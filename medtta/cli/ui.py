@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -15,6 +16,17 @@ from medtta.cli.options import RESULTS, TRACKING_URI, quiet_mlflow
 
 HOST = "127.0.0.1"  # the UI shows every result of the store: never on an outside interface
 STARTUP_SECONDS = 120
+
+# MLflow's web UI (3.x) shows only Source, Models and Dataset by default, so a person had to add dice_recovery by
+# hand. Its "save and share view" feature stores a runs-page state as the experiment tag
+# `mlflow.sharedViewState.<key>` (an envelope {name, createdAt, updatedAt, state}, `state` being the JSON of the
+# search facets and UI state) and `#/experiments/<id>/runs?viewStateShareKey=<key>` opens it; columns cannot be
+# chosen through the URL itself. `medtta ui` writes such a view under a fixed key before starting the server.
+VIEW_KEY = "medtta"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_NAME = "medtta: recovery"
+LEADING = ("dice_recovery",)
+TRAILING = ("dice", "dice_source", "dice_in_domain", "cost_ratio", "source_site_harm")
 
 
 def _port_free(port: int) -> bool:
@@ -38,14 +50,60 @@ def _wait_until_up(server: subprocess.Popen, url: str) -> None:
     raise MedttaError(f"the MLflow server did not answer on {url} within {STARTUP_SECONDS} s")
 
 
+def _metric_keys(client, experiment_id: str) -> set[str]:
+    """The metric names of the experiment's parent runs (one row per cell in the runs table)."""
+    keys: set[str] = set()
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        keys.update(k for r in page if "mlflow.parentRunId" not in r.data.tags for k in r.data.metrics)
+        token = page.token
+        if not token:
+            return keys
+
+
+def view_state(metrics: set[str]) -> dict:
+    """The runs-table state: the recovery metrics as columns (dice_recovery, then per modality, then the Dice it is
+    computed from and the cost), rows ordered by dice_recovery, best first."""
+    names = [m for m in LEADING if m in metrics]
+    names += sorted(m for m in metrics if m.startswith("dice_recovery_"))
+    names += [m for m in TRAILING if m in metrics]
+    columns = [f"metrics.`{m}`" for m in names]
+    state = {"selectedColumns": columns, "columnOrder": columns}
+    if "dice_recovery" in metrics:
+        state |= {"orderByKey": "metrics.`dice_recovery`", "orderByAsc": False}
+    return state
+
+
+def _save_view(client, experiment) -> bool:
+    """Write the view as the experiment's shared-view tag (same key on every launch; rewritten only when the
+    columns change). False when the store refuses the write: the page then opens as MLflow's default."""
+    state = json.dumps(view_state(_metric_keys(client, experiment.experiment_id)), sort_keys=True)
+    try:
+        old = json.loads(experiment.tags.get(VIEW_TAG, "null")) or {}
+    except ValueError:
+        old = {}
+    if isinstance(old, dict) and old.get("state") == state and old.get("name") == VIEW_NAME:
+        return True
+    now = int(time.time() * 1000)
+    created = old.get("createdAt") if isinstance(old, dict) and isinstance(old.get("createdAt"), int) else now
+    envelope = {"name": VIEW_NAME, "createdAt": created, "updatedAt": now, "state": state}
+    try:
+        client.set_experiment_tag(experiment.experiment_id, VIEW_TAG, json.dumps(envelope))
+    except Exception:  # noqa: BLE001 (a read-only store still gets its UI)
+        return False
+    return True
+
+
 @click.command()
 @RESULTS
 @TRACKING_URI
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535), help="Port on 127.0.0.1.")
 def ui(results: Path | None, tracking_uri: str | None, port: int) -> None:
     """Start the MLflow UI on the results store (on 127.0.0.1 only) and print the address of each medtta
-    experiment's runs table: one row per parent run (`tent · synth-mri · seed 0`); group by `medtta.method` to
-    average over seeds, or chart `dice_recovery_MRI`/`_CT`/`_OCT` to rank methods per modality. Ctrl-C stops it.
+    experiment's runs table: one row per parent run (`tent · synth-mri · seed 0`), with dice_recovery (and per
+    modality, dice, dice_source, dice_in_domain, cost_ratio) as columns, best recovery first; group by
+    `medtta.method` to average over seeds. Ctrl-C stops it.
     """
     from mlflow.tracking import MlflowClient
 
@@ -58,12 +116,14 @@ def ui(results: Path | None, tracking_uri: str | None, port: int) -> None:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise MedttaError(f"{uri.removeprefix('sqlite:///')}: no MLflow store here yet (run `medtta bench` or "
                           "`medtta run` first, or give --results / --tracking-uri)")
-    experiments = [e for e in MlflowClient(tracking_uri=uri).search_experiments(filter_string="name LIKE 'medtta/%'")]
+    client = MlflowClient(tracking_uri=uri)
+    experiments = client.search_experiments(filter_string="name LIKE 'medtta/%'")
     if not experiments:
         raise MedttaError(f"{uri}: no medtta experiment (run `medtta bench` or `medtta run` first)")
     if not _port_free(port):
         raise MedttaError(f"--port {port}: {HOST}:{port} is already in use (choose another with --port)")
     url = f"http://{HOST}:{port}"
+    views = {e.experiment_id: _save_view(client, e) for e in experiments}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", HOST,
                                "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
@@ -71,7 +131,8 @@ def ui(results: Path | None, tracking_uri: str | None, port: int) -> None:
         _wait_until_up(server, url)
         click.echo(f"MLflow UI on {uri}, runs tables:")
         for exp in sorted(experiments, key=lambda e: e.name):
-            click.echo(f"  {exp.name:<24} {url}/#/experiments/{exp.experiment_id}/runs")
+            query = f"?viewStateShareKey={VIEW_KEY}&compareRunsMode=TABLE" if views[exp.experiment_id] else ""
+            click.echo(f"  {exp.name:<24} {url}/#/experiments/{exp.experiment_id}/runs{query}")
         click.echo("Group the rows by medtta.method to average over seeds. Ctrl-C stops the server.", err=True)
         server.wait()
     except KeyboardInterrupt:

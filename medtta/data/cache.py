@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from medtta.data.checks import check_dataset
 from medtta.data.layout import Case, Dataset, Volume, load_volume, sha256
 from medtta.data.preprocess import image_slices
 from medtta.errors import DataError
+from medtta.progress import progress_bar
 from medtta.protocol import Preprocessing
 
 _SHOWN_PROBLEMS = 5
@@ -63,7 +63,7 @@ def validated_checksums(dataset: Dataset, cache: Path, progress: bool = True) ->
                         f"them all):\n  {shown}{more}")
     files = [p for p in _data_files(root) if p.is_file()]
     checksums = {str(p.relative_to(root)): sha256(p)
-                 for p in tqdm(files, desc=f"checksums of {dataset.name}", unit="file", disable=not progress,
+                 for p in progress_bar(files, desc=f"checksums of {dataset.name}", unit="file", disable=not progress,
                                leave=False)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(checksums))

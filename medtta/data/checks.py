@@ -7,10 +7,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from tqdm.auto import tqdm
 
 from medtta.data.layout import check_geometry, check_pair, read_dataset_json, read_sites_csv, sha256
 from medtta.errors import DataError, ProtocolError
+from medtta.progress import progress_bar
 from medtta.protocol import Protocol
 
 
@@ -44,7 +44,7 @@ def check_dataset(root: Path, progress: bool = True) -> list[str]:
     labels = {str(k): int(v) for k, v in meta["labels"].items()}
     ending = meta.get("file_ending", ".nii.gz")
     problems, seen = [], set()
-    for row in tqdm(rows, desc=f"checking {root.name}", unit="case", disable=not progress):
+    for row in progress_bar(rows, desc=f"checking {root.name}", unit="case", disable=not progress):
         cid = row["case_id"].strip()
         if cid in seen:
             problems.append(f"{root / 'sites.csv'}: case '{cid}' is listed more than once")

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from medtta.data.cache import digest, save_atomic
 from medtta.data.layout import Dataset, load_volume, sha256
@@ -29,6 +28,7 @@ from medtta.errors import DataError
 from medtta.metrics import mean, volume_dice
 from medtta.models import build_network
 from medtta.models.base import Architecture, SourceStatistics, SourceVolume, Stage
+from medtta.progress import progress_bar
 from medtta.protocol import Protocol
 
 TRAINING_VERSION = 6  # 3: auxiliary passes keep the BatchNorm running statistics; 4: the fused Gaussian of N;
@@ -46,7 +46,7 @@ def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float,
     best = {"score": -float("inf"), "epoch": -1}
     best_state = None
     start = time.perf_counter()
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
+    bar = progress_bar(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         module.train()
         for loss in batch_losses(epoch):

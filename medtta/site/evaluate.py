@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from medtta.adapters.sar import pixel_entropy
 from medtta.data.layout import Volume, read_dataset_json
@@ -34,6 +33,7 @@ from medtta.engine import (
 )
 from medtta.errors import DataError, MedttaError, MedttaWarning
 from medtta.metrics import label_free_indicators, volume_dice, volume_metrics
+from medtta.progress import progress_bar
 from medtta.protocol import SETTINGS
 from medtta.registry import ADAPTERS
 from medtta.site.bundle import Bundle
@@ -134,7 +134,8 @@ class SiteEvaluation:
         skipped = list(self.inputs.skipped)
         for path, reason in skipped:
             warnings.warn(f"skipped {path}: {reason}", MedttaWarning, stacklevel=2)
-        for case in tqdm(self.inputs.cases, desc=f"site-eval on {self.name}", unit="volume", disable=not c.progress):
+        for case in progress_bar(self.inputs.cases, desc=f"site-eval on {self.name}", unit="volume",
+                                 disable=not c.progress):
             try:
                 volume = read_case(case, self.bundle.labels)
             except DataError as err:  # one bad file must not cost the site the other cases

@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from tqdm.auto import tqdm
 
 from medtta.data.layout import (
     MANIFEST,
@@ -28,6 +27,7 @@ from medtta.data.layout import (
     write_metadata,
 )
 from medtta.errors import DataError
+from medtta.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def prepare(recipe: Recipe, download: Path, out: Path, progress: bool = True) ->
     manifest_path = out / MANIFEST
     done = read_manifest(manifest_path)
     written = 0
-    for case in tqdm(cases, desc=f"preparing {recipe.name}", unit="case", disable=not progress):
+    for case in progress_bar(cases, desc=f"preparing {recipe.name}", unit="case", disable=not progress):
         row = done.get(case.case_id)
         if row and (row["site"], row["split"]) == (case.site, case.split or "") and all(
                 (out / row[k]).is_file() for k in ("image", "label")):
