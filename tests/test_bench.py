@@ -198,8 +198,21 @@ def test_ui_serves_the_runs_tables_on_localhost(dataset: Path, results: Path) ->
         lines = [server.stdout.readline() for _ in range(2)]
         assert lines[0].startswith(f"MLflow UI on sqlite:///{results / 'mlflow.db'}")
         name, url = lines[1].split()
-        exp_id = url.split("/#/experiments/")[1].removesuffix("/runs")
-        assert name == "medtta/synth-mri" and url == f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs"
+        exp_id = url.split("/#/experiments/")[1].split("/")[0]
+        assert name == "medtta/synth-mri"
+        # the printed address opens the view `medtta ui` saved: recovery columns, best first, table view
+        assert url == f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs?viewStateShareKey=medtta&compareRunsMode=TABLE"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get?experiment_id={exp_id}",
+                                    timeout=30) as response:
+            tags = {t["key"]: t["value"] for t in json.load(response)["experiment"]["tags"]}
+        view = json.loads(tags["mlflow.sharedViewState.medtta"])
+        state = json.loads(view["state"])
+        assert view["name"] == "medtta: recovery" and isinstance(view["createdAt"], int)
+        assert state["selectedColumns"][:3] == ["metrics.`dice_recovery`", "metrics.`dice_recovery_MRI`",
+                                                "metrics.`dice`"]
+        assert "metrics.`cost_ratio`" in state["selectedColumns"]
+        assert state["orderByKey"] == "metrics.`dice_recovery`" and state["orderByAsc"] is False
+        assert state["searchFilter"] == "tags.`mlflow.parentRunId` IS NULL"
         request = urllib.request.Request(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/runs/search",
                                          data=json.dumps({"experiment_ids": [exp_id]}).encode(),
                                          headers={"Content-Type": "application/json"})
@@ -211,6 +224,28 @@ def test_ui_serves_the_runs_tables_on_localhost(dataset: Path, results: Path) ->
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_ui_view_state_is_written_once_under_a_fixed_key(tmp_path: Path) -> None:
+    import json
+
+    from medtta.cli.ui import VIEW_TAG, _save_view, view_state
+
+    state = view_state({"dice", "dice_recovery", "dice_recovery_OCT", "dice_recovery_CT", "dice_source", "hd95",
+                        "source_site_harm"})
+    assert state["selectedColumns"] == ["metrics.`dice_recovery`", "metrics.`dice_recovery_CT`",
+                                        "metrics.`dice_recovery_OCT`", "metrics.`dice`", "metrics.`dice_source`",
+                                        "metrics.`source_site_harm`"]
+    assert "orderByKey" not in view_state({"dice"})  # nothing to sort by: MLflow's default order
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = client.create_experiment("medtta/synth-x")
+    run = client.create_run(exp_id)
+    client.log_metric(run.info.run_id, "dice_recovery", 0.5)
+    assert _save_view(client, client.get_experiment(exp_id))
+    first = client.get_experiment(exp_id).tags[VIEW_TAG]
+    assert json.loads(json.loads(first)["state"])["selectedColumns"] == ["metrics.`dice_recovery`"]
+    assert _save_view(client, client.get_experiment(exp_id))
+    assert client.get_experiment(exp_id).tags[VIEW_TAG] == first  # unchanged columns: the same tag, not rewritten
 
 
 def test_ui_without_a_store_or_with_a_busy_port(results: Path, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ STARTUP_SECONDS = 120
 VIEW_KEY = "medtta"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_NAME = "medtta: recovery"
+PARENTS_ONLY = "tags.`mlflow.parentRunId` IS NULL"
 LEADING = ("dice_recovery",)
 TRAILING = ("dice", "dice_source", "dice_in_domain", "cost_ratio", "source_site_harm")
 
@@ -55,8 +56,8 @@ def _metric_keys(client, experiment_id: str) -> set[str]:
     keys: set[str] = set()
     token = None
     while True:
-        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
-        keys.update(k for r in page if "mlflow.parentRunId" not in r.data.tags for k in r.data.metrics)
+        page = client.search_runs([experiment_id], filter_string=PARENTS_ONLY, max_results=1000, page_token=token)
+        keys.update(k for r in page for k in r.data.metrics)
         token = page.token
         if not token:
             return keys
@@ -64,12 +65,14 @@ def _metric_keys(client, experiment_id: str) -> set[str]:
 
 def view_state(metrics: set[str]) -> dict:
     """The runs-table state: the recovery metrics as columns (dice_recovery, then per modality, then the Dice it is
-    computed from and the cost), rows ordered by dice_recovery, best first."""
+    computed from and the cost), one row per parent run, ordered by dice_recovery, best first."""
     names = [m for m in LEADING if m in metrics]
     names += sorted(m for m in metrics if m.startswith("dice_recovery_"))
     names += [m for m in TRAILING if m in metrics]
     columns = [f"metrics.`{m}`" for m in names]
-    state = {"selectedColumns": columns, "columnOrder": columns}
+    # parent runs only: MLflow nests the per-site child runs under their parent only when sorted by date, so
+    # sorted by dice_recovery they would be rows of their own, ranked among the methods
+    state = {"selectedColumns": columns, "columnOrder": columns, "searchFilter": PARENTS_ONLY}
     if "dice_recovery" in metrics:
         state |= {"orderByKey": "metrics.`dice_recovery`", "orderByAsc": False}
     return state
@@ -102,8 +105,8 @@ def _save_view(client, experiment) -> bool:
 def ui(results: Path | None, tracking_uri: str | None, port: int) -> None:
     """Start the MLflow UI on the results store (on 127.0.0.1 only) and print the address of each medtta
     experiment's runs table: one row per parent run (`tent · synth-mri · seed 0`), with dice_recovery (and per
-    modality, dice, dice_source, dice_in_domain, cost_ratio) as columns, best recovery first; group by
-    `medtta.method` to average over seeds. Ctrl-C stops it.
+    modality, dice, dice_source, dice_in_domain, cost_ratio) as columns, best recovery first (a saved view,
+    "medtta: recovery"); group by `medtta.method` to average over seeds. Ctrl-C stops it.
     """
     from mlflow.tracking import MlflowClient
 
@@ -133,7 +136,8 @@ def ui(results: Path | None, tracking_uri: str | None, port: int) -> None:
         for exp in sorted(experiments, key=lambda e: e.name):
             query = f"?viewStateShareKey={VIEW_KEY}&compareRunsMode=TABLE" if views[exp.experiment_id] else ""
             click.echo(f"  {exp.name:<24} {url}/#/experiments/{exp.experiment_id}/runs{query}")
-        click.echo("Group the rows by medtta.method to average over seeds. Ctrl-C stops the server.", err=True)
+        click.echo("Parent runs by dice_recovery (clear the search box for the per-site runs); group the rows by "
+                   "medtta.method to average over seeds. Ctrl-C stops the server.", err=True)
         server.wait()
     except KeyboardInterrupt:
         pass
