@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from monai.metrics import compute_hausdorff_distance
 
-from medtta.metrics import collapse_reason, dice_recovery, foreground_voxels, volume_dice, volume_metrics
+from medtta.metrics import collapse_reason, dice_recovery, foreground_voxels, hd95, volume_dice, volume_metrics
 
 LABELS = {"background": 0, "a": 1, "b": 2}
 
@@ -43,6 +45,31 @@ def test_hd95_in_mm() -> None:
     assert m["hd95"] == pytest.approx((2.0 + 0.0) / 2)  # label a: columns 4-5 are 1-2 voxels away; b exact
     m = volume_metrics(pred, ref, LABELS, spacing=(1.0, 3.0, 1.0))
     assert m["hd95"] == pytest.approx((6.0 + 0.0) / 2)  # the gap runs along the second axis
+
+
+def _blobs(rng: np.random.Generator, shape: tuple[int, ...], count: int) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    grid = np.indices(shape)
+    for _ in range(count):
+        centre, radius = rng.uniform(0, shape), rng.uniform(1, max(shape) / 3)
+        mask |= sum(((g - c) / radius) ** 2 for g, c in zip(grid, centre, strict=True)) < 1
+    return mask
+
+
+@pytest.mark.parametrize("shape,spacing", [((40, 36), (0.7, 1.3)), ((24, 20, 6), (1.0, 0.5, 4.0))])
+def test_hd95_equals_monai_on_random_masks(shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+    """The fast HD95 is MONAI's `compute_hausdorff_distance(percentile=95)`: blobs touching the border, disjoint
+    ones, and an empty side."""
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        pred, ref = _blobs(rng, shape, trial % 3 + 1), _blobs(rng, shape, 2)
+        if trial == 11:
+            pred[:] = False
+        expected = compute_hausdorff_distance(torch.from_numpy(pred)[None, None].float(),
+                                              torch.from_numpy(ref)[None, None].float(), include_background=True,
+                                              percentile=95, spacing=list(spacing))[0, 0]
+        got = hd95(pred, ref, spacing)
+        assert math.isnan(got) if not torch.isfinite(expected) else got == float(expected), trial
 
 
 def test_recovery() -> None:
