@@ -31,6 +31,7 @@ from medtta.errors import MedttaError, MedttaWarning
 from medtta.metrics import collapse_reason, foreground_voxels, mean, volume_dice, volume_metrics
 from medtta.models.training import load_statistics, source_model
 from medtta.paths import results_root
+from medtta.precision import autocast, check_precision, use_tf32
 from medtta.progress import progress_bar
 from medtta.protocol import SETTINGS, Protocol
 from medtta.registry import ADAPTERS, ARCHITECTURES
@@ -56,6 +57,7 @@ class RunConfig:
     epochs: int | None = None  # None: the protocol's source-training epochs
     progress: bool = True
     source_site_check: bool = False  # also adapt on the source site's test cases, as a stream of their own
+    precision: str = "fp32"  # of source training, adaptation and inference: fp32, bf16 or fp16 (see medtta.precision)
 
 
 #: `medtta.site_role` of a child run: a target site, or the source site of the "do no harm" check
@@ -129,12 +131,14 @@ def adapt_and_predict(adapter: Adapter, x: torch.Tensor, setting: str, steps: in
 
 def method_source_model(method: str, protocol: Protocol, dataset: Dataset, seed: int, results: Path,
                         device: torch.device, config: dict[str, Any] | None = None, progress: bool = True,
-                        architecture: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The source model `method` adapts (its `architecture`, default the method's own, trained or cached), with the
-    source statistics the method asks for cached beside it; returns the model and its training record."""
+                        architecture: str | None = None, precision: str = "fp32"
+                        ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The source model `method` adapts (its `architecture`, default the method's own, trained in `precision` or
+    cached), with the source statistics the method asks for cached beside it; returns the model and its training
+    record."""
     cls = ADAPTERS.get(method)
     return source_model(protocol, dataset, method_architecture(method, architecture), seed, results, device, config,
-                        progress, cls.statistics_to_compute())
+                        progress, cls.statistics_to_compute(), precision)
 
 
 def method_architecture(method: str, architecture: str | None = None) -> str:
@@ -177,11 +181,12 @@ class SourcePredictions:
     and the in-domain Dice is their mean over the source test cases."""
 
     def __init__(self, model: torch.nn.Module, record: dict[str, Any], protocol: Protocol, volumes: VolumeCache,
-                 device: torch.device, batch_size: int = 32, cache: Path | None = None) -> None:
+                 device: torch.device, batch_size: int = 32, cache: Path | None = None,
+                 precision: str = "fp32") -> None:
         """`record`: the model's training record (`source_model`), whose checkpoint name identifies the model."""
         self.model, self.protocol, self.volumes = model, protocol, volumes
-        self.device, self.batch_size = device, batch_size
-        model_id = f"{Path(record['checkpoint']).stem}-{device.type}"
+        self.device, self.batch_size, self.precision = device, batch_size, precision
+        model_id = f"{Path(record['checkpoint']).stem}-{device.type}{'' if precision == 'fp32' else '-' + precision}"
         self.dir = cache / "unadapted" / model_id if cache is not None else None
 
     def of(self, case: Case) -> tuple[PreparedVolume, Unadapted]:
@@ -192,7 +197,8 @@ class SourcePredictions:
             saved = torch.load(path, weights_only=True)
             return prepared, Unadapted(saved["pred"].long(), float(saved["dice"]), float(saved["seconds"]))
         p, x = self.protocol, prepared.slices.to(self.device)
-        logits, seconds = timed(lambda: predict_unadapted(self.model, x, self.batch_size), self.device)
+        with autocast(self.precision, self.device):
+            logits, seconds = timed(lambda: predict_unadapted(self.model, x, self.batch_size), self.device)
         pred = to_native(logits, prepared.volume, p.preprocessing)
         result = Unadapted(pred, volume_dice(pred, torch.as_tensor(prepared.volume.label), p.scored_labels)["dice"],
                            seconds)
@@ -277,6 +283,8 @@ class Engine:
         self.architecture = ARCHITECTURES.get(self.architecture_name)
         self.architecture.check_config(config.arch_config)
         self.device = resolve_device(config.device)
+        self.precision = check_precision(config.precision)
+        use_tf32(self.precision, self.device)
         self.results = results_root(config.results)
         self.cache = self.results / "cache"
         if config.epochs is not None:
@@ -291,14 +299,16 @@ class Engine:
                 "target_sites": ",".join(p.target_sites), "architecture": self.architecture_name,
                 "train_epochs": p.training.epochs, "train_lr": p.training.lr,
                 "input_size": "x".join(map(str, p.preprocessing.size)), "input_spacing": p.preprocessing.spacing,
-                "source_site_check": c.source_site_check, **{f"hp.{k}": v for k, v in hparams.items()},
+                "source_site_check": c.source_site_check, "precision": self.precision,
+                **{f"hp.{k}": v for k, v in hparams.items()},
                 **{f"arch.{k}": v for k, v in {**self.architecture.defaults, **c.arch_config}.items()}}
 
     def cell(self) -> str:
         """The identity of what this run computes: a finished run with the same cell need not run again."""
         params = self.params()
-        if not params["source_site_check"]:  # the identity cells had before the check existed: old stores resume
-            del params["source_site_check"]
+        for key, default in (("source_site_check", False), ("precision", "fp32")):
+            if params[key] == default:  # the identity cells had before the option existed: old stores resume
+                del params[key]
         return digest([params, dataclasses.asdict(dataclasses.replace(self.protocol, source=""))])
 
     def tags(self) -> dict[str, Any]:
@@ -313,9 +323,9 @@ class Engine:
         """The source model (trained or cached), its training record and its cached unadapted predictions."""
         c = self.config
         model, record = method_source_model(c.method, self.protocol, dataset, c.seed, self.results, self.device,
-                                            c.arch_config, c.progress, self.architecture_name)
+                                            c.arch_config, c.progress, self.architecture_name, self.precision)
         return model, record, SourcePredictions(model, record, self.protocol, volumes, self.device, c.batch_size,
-                                                self.cache)
+                                                self.cache, self.precision)
 
     def run(self) -> RunResult:
         p, c = self.protocol, self.config
@@ -338,6 +348,7 @@ class Engine:
             tracker.log_metrics({"dice_in_domain": in_domain})
             seed_everything(c.seed)
             adapter = create_adapter(c.method, copy.deepcopy(model), record, **c.hparams).to(self.device)
+            adapter.use_precision(self.precision, self.device)
             out_dir = self.results / "runs" / p.name / run_id
             sites = [self._run_site(site, TARGET, dataset, unadapted, adapter, tracker, tags, in_domain, out_dir)
                      for site in p.target_sites]
@@ -394,8 +405,9 @@ class Engine:
         p, c = self.protocol, self.config
         prepared, source = unadapted.of(case)
         x = prepared.slices.to(self.device)
-        logits, seconds = timed(lambda: adapt_and_predict(adapter, x, self.setting, self.steps, c.batch_size),
-                                self.device)
+        with autocast(self.precision, self.device):
+            logits, seconds = timed(lambda: adapt_and_predict(adapter, x, self.setting, self.steps, c.batch_size),
+                                    self.device)
         reference = torch.as_tensor(prepared.volume.label)
         pred = to_native(logits, prepared.volume, p.preprocessing)
         row = {"case_id": case.case_id, "site": site, "dice_source": source.dice,

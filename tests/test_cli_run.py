@@ -325,3 +325,17 @@ def test_source_site_check_is_a_stream_of_its_own_that_leaves_the_target_sites_a
     alone = _children_of(results, [r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags][-1])["A"]
     for key in ("dice", "source_site_harm"):
         assert alone.data.metrics[key] == source[key], key
+
+
+def test_precision_bf16_trains_its_own_model_and_is_another_cell(dataset: Path, results: Path) -> None:
+    code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--precision", "bf16"))
+    assert code == 0, err
+    bf16, fp32 = (next(r for r in reversed(runs_of(results)) if "mlflow.parentRunId" not in r.data.tags
+                       and r.data.tags["medtta.method"] == "tent" and r.data.params.get("precision") == p)
+                  for p in ("bf16", "fp32"))
+    assert bf16.data.tags["medtta.cell"] != fp32.data.tags["medtta.cell"]
+    checkpoints = list((results / "models" / "synth-mri").glob("unet-*.pt"))
+    assert len({c.name.split(".")[0] for c in checkpoints}) == 2  # trained in bf16: another cached model
+    assert abs(bf16.data.metrics["dice_in_domain"] - fp32.data.metrics["dice_in_domain"]) < 0.1
+    code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--precision", "fp64"))
+    assert code == 2 and "'fp64' is not one of 'fp32', 'bf16', 'fp16'" in err

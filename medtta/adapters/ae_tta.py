@@ -154,18 +154,16 @@ class AutoencoderTTA(Adapter):
         with torch.enable_grad():
             for _ in range(self.hparams["stable_epochs"]):
                 for b in torch.split(x, self.hparams["step_slices"]):
-                    self.image_adaptor.identity_loss(b).backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    self.backward(self.image_adaptor.identity_loss(b))
+                    self.optimizer_step(optimizer)
         self.stabilized.fill_(True)
 
     def step(self, x: torch.Tensor) -> float:
         """One Adam step on the objective of `x`; returns the loss before the step."""
         with torch.enable_grad():
             loss, _ = self.objective(x)
-            loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.backward(loss)
+        self.optimizer_step()
         return float(loss.detach())
 
     def adapt(self, x: torch.Tensor, steps: int, batch_size: int) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from medtta.errors import MedttaError
 from medtta.models.base import SourceStatistics, SourceVolume
+from medtta.precision import grad_scaler
 from medtta.registry import check_keys
 
 PARADIGMS = ("input", "feature", "output", "prior", "none")
@@ -62,6 +63,7 @@ class Adapter(nn.Module):
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = self.make_optimizer(self.params) if self.params else None
+        self.use_precision("fp32", torch.device("cpu"))
         self._initial_state = self.snapshot()
 
     @classmethod
@@ -115,15 +117,31 @@ class Adapter(nn.Module):
         """Logits of the current model, without adapting."""
         return self.model(x)
 
+    def use_precision(self, precision: str, device: torch.device) -> None:
+        """Adapt in `precision` (the forward passes run under the engine's autocast): fp16 scales the losses."""
+        self._precision = precision, device
+        self.scaler = grad_scaler(precision, device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, the loss scaled in fp16 so that small gradients do not underflow."""
+        self.scaler.scale(loss).backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """A step of `optimizer` (default: the adapter's) on the gradients `backward` left, which it then zeroes;
+        in fp16 the gradients are unscaled first, and a step with an overflow is skipped."""
+        optimizer = optimizer or self.optimizer
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
     def update(self, x: torch.Tensor) -> torch.Tensor | None:
         """One adaptation step on `x`; returns the logits the objective computed before the step, if any."""
         if self.optimizer is None:
             return None
         with torch.enable_grad():
             loss, logits = self.objective(x)
-            loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.backward(loss)
+        self.optimizer_step()
         return None if logits is None else logits.detach()
 
     def adapt(self, x: torch.Tensor, steps: int, batch_size: int) -> None:
@@ -140,7 +158,7 @@ class Adapter(nn.Module):
         with torch.enable_grad():
             for i, b in enumerate(torch.split(x, batch_size)):
                 weighted = batch_loss(i, b) * len(b) / len(x)
-                weighted.backward()
+                self.backward(weighted)
                 total += float(weighted.detach())
         return total
 
@@ -164,6 +182,7 @@ class Adapter(nn.Module):
         self.restore(self._initial_state)
         if self.optimizer is not None:
             self.optimizer = self.make_optimizer(self.params)
+        self.use_precision(*self._precision)  # a fresh loss scale
 
 
 def use_batch_statistics(model: nn.Module, source_weight: float = 0.0,

@@ -99,8 +99,7 @@ class DGTTA(Adapter):
                 self.reset()  # each member adapts independently from the source model
             for _ in range(steps):
                 self.accumulate(x, batch_size, lambda _, b: self.consistency(b))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer_step()
             if self.hparams["ensemble"] > 1:
                 members.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
         self.members = members

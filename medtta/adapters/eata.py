@@ -140,9 +140,8 @@ class EATA(Adapter):
             counted = weights > 0
             if counted.any():
                 loss = (weights * pixel_entropy(logits)).sum() / counted.sum() + self.fisher_penalty()
-                loss.backward()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.backward(loss)
+                self.optimizer_step()
         self._update_average(logits.detach(), counted)
         return logits.detach()
 

@@ -56,8 +56,7 @@ class NormNet(Adapter):
             if step % self.hparams["refresh"] == 0:
                 targets = self._refresh(batches, best)
             self.accumulate(x, batch_size, lambda i, b, t=targets: self.dice(self.model(b).softmax(1), t[i]))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer_step()
         self._refresh(batches, best)  # scores the last state too
         self.model.normalizer.load_state_dict(best["state"])
 

@@ -67,17 +67,16 @@ class SAR(Adapter):
             logits = self.model(x)
             entropy = pixel_entropy(logits)
             reliable = entropy.detach() < margin
-            _masked_mean(entropy, reliable).backward()
+            self.backward(_masked_mean(entropy, reliable))
             ascent = self._climb()
             entropy = pixel_entropy(self.model(x))
             reliable &= entropy.detach() < margin
             loss = _masked_mean(entropy, reliable)
-            loss.backward()
+            self.backward(loss)
         with torch.no_grad():
             for p, e in zip(self.params, ascent, strict=True):
                 p.sub_(e)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_step()
         if reliable.any():
             self._recover(float(loss.detach()), self.hparams["reset_below"] * max_entropy)
         return logits.detach()

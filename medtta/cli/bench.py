@@ -37,7 +37,7 @@ def _grouped_params(values: tuple[str, ...]) -> dict[str, dict]:
                    "GPU cells asking for a GPU. Needs pip install 'medtta[ray]'.")
 @engine_options
 def bench(methods, datasets, seeds, setting, source_site, params, workers, executor, steps, batch_size, arch_params,
-          epochs, source_site_check, device, results, tracking_uri, quiet) -> None:
+          epochs, source_site_check, device, precision, results, tracking_uri, quiet) -> None:
     """Run every method on every protocol and seed (a grid of cells), as `medtta run` would, and summarize.
 
     Datasets are checked and source models trained (with their unadapted predictions) once, before any cell
@@ -59,7 +59,7 @@ def bench(methods, datasets, seeds, setting, source_site, params, workers, execu
     chosen = select_methods(methods)
     run = RunConfig(method="source", steps=steps, batch_size=batch_size,
                     arch_config=parse_params(arch_params, "--arch-param"), device=device, results=results,
-                    tracking_uri=tracking_uri, epochs=epochs, source_site_check=source_site_check)
+                    tracking_uri=tracking_uri, epochs=epochs, source_site_check=source_site_check, precision=precision)
     config = BenchConfig(methods=chosen, protocols=select_protocols(datasets, source_site), seeds=seed_list,
                          settings=("episodic", "continual") if setting == "both" else (setting,),
                          hparams=method_params(_grouped_params(params), chosen), run=run, workers=workers,

@@ -73,6 +73,10 @@ engine_options = _apply([
                       "change there (source-site harm)."),
     click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
                  help="auto uses CUDA when present."),
+    click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
+                 help="Of source training, adaptation and inference: bf16/fp16 run under torch autocast (fp16 with "
+                      "a gradient scaler; a model trained in another precision is another cached model); fp32 uses "
+                      "TF32 matmuls on CUDA. A run param: another precision is another cell."),
     RESULTS,
     TRACKING_URI,
     click.option("--quiet", "-q", is_flag=True, help="No progress bars."),

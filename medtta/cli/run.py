@@ -30,7 +30,7 @@ from medtta.cli.options import engine_options, parse_params, quiet_mlflow
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
               help="Method hyper-parameter, e.g. -p lr=1e-4; repeatable.")
 def run(method, dataset, source_site, target_sites, setting, seed, architecture, checkpoint, steps, batch_size, params,
-        arch_params, epochs, source_site_check, device, results, tracking_uri, quiet) -> None:
+        arch_params, epochs, source_site_check, device, precision, results, tracking_uri, quiet) -> None:
     """Adapt a source model to every target site of a protocol and report Dice recovery.
 
     Generates synthetic data and trains the source model on first use (both cached), adapts on each
@@ -52,7 +52,7 @@ def run(method, dataset, source_site, target_sites, setting, seed, architecture,
     config = RunConfig(method=method, setting=setting, seed=seed, steps=steps, batch_size=batch_size,
                        hparams=parse_params(params), arch_config=arch_config, architecture=architecture,
                        device=device, results=results, tracking_uri=tracking_uri,
-                       epochs=epochs, progress=not quiet, source_site_check=source_site_check)
+                       epochs=epochs, progress=not quiet, source_site_check=source_site_check, precision=precision)
     result = run_protocol(protocol, config)
     click.echo(f"\n{method} on {protocol.name} ({protocol.modality}, {result.setting}, seed {seed}), "
                f"source site {protocol.source_site}")

@@ -28,6 +28,7 @@ from medtta.errors import DataError
 from medtta.metrics import mean, volume_dice
 from medtta.models import build_network
 from medtta.models.base import Architecture, SourceStatistics, SourceVolume, Stage
+from medtta.precision import autocast, grad_scaler
 from medtta.progress import progress_bar
 from medtta.protocol import Protocol
 
@@ -39,22 +40,28 @@ TRAINING_VERSION = 6  # 3: auxiliary passes keep the BatchNorm running statistic
 
 def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float,
         batch_losses: Callable[[int], Iterator[torch.Tensor]], score: Callable[[], float], desc: str,
-        progress: bool) -> dict[str, float]:
+        progress: bool, precision: str = "fp32") -> dict[str, float]:
     """Adam on `params` for `epochs` passes of `batch_losses(epoch)`, `module` in train mode; after each epoch
-    `score()` (higher is better) with `module` in eval mode, and the state of `module` with the best score kept."""
+    `score()` (higher is better) with `module` in eval mode, and the state of `module` with the best score kept.
+    Losses and scores are computed in `precision`."""
     optimizer = torch.optim.Adam(params, lr=lr)
+    device = params[0].device
+    scaler = grad_scaler(precision, device)
     best = {"score": -float("inf"), "epoch": -1}
     best_state = None
     start = time.perf_counter()
     bar = progress_bar(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         module.train()
-        for loss in batch_losses(epoch):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        with autocast(precision, device):
+            for loss in batch_losses(epoch):
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
         module.eval()
-        value = score()
+        with autocast(precision, device):
+            value = score()
         if value > best["score"]:
             best = {"score": value, "epoch": epoch}
             best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -105,7 +112,7 @@ def _validation_dice(model: nn.Module, data: SourceData, device: torch.device) -
 
 
 def train_network(model: Architecture, data: SourceData, seed: int, device: torch.device,
-                  progress: bool = True) -> dict[str, float]:
+                  progress: bool = True, precision: str = "fp32") -> dict[str, float]:
     """Train everything but the post-training stages on the architecture's source losses, in slice batches;
     keep the weights with the best mean validation Dice."""
     cfg = data.protocol.training
@@ -119,12 +126,12 @@ def train_network(model: Architecture, data: SourceData, seed: int, device: torc
 
     best = fit(model, model.network_parameters(), cfg.epochs, cfg.lr, batch_losses,
                lambda: _validation_dice(model, data, device),
-               f"training {type(model).__name__} on site {data.protocol.source_site}", progress)
+               f"training {type(model).__name__} on site {data.protocol.source_site}", progress, precision)
     return {"val_dice": best["score"], "epoch": best["epoch"], "seconds": best["seconds"]}
 
 
 def train_stage(model: Architecture, stage: Stage, data: SourceData, seed: int, device: torch.device,
-                progress: bool = True) -> dict[str, float]:
+                progress: bool = True, precision: str = "fp32") -> dict[str, float]:
     """Train one post-training stage on batches of source volumes, the network frozen in eval mode; keep the
     state with the lowest validation loss (its random corruptions drawn from a fixed seed). The stage's `setup` and
     `prepare` run first, within the stage's seconds."""
@@ -157,7 +164,7 @@ def train_stage(model: Architecture, stage: Stage, data: SourceData, seed: int, 
 
     torch.manual_seed(seed)
     best = fit(module, list(module.parameters()), stage.epochs, stage.lr, batch_losses, score,
-               f"training {stage.module} on site {data.protocol.source_site}", progress)
+               f"training {stage.module} on site {data.protocol.source_site}", progress, precision)
     model.requires_grad_(True)
     return {"val_loss": -best["score"], "epoch": best["epoch"], "seconds": time.perf_counter() - start, **fitted}
 
@@ -208,7 +215,7 @@ def load_statistics(record: dict[str, Any], name: str) -> dict[str, torch.Tensor
 def source_model(
     protocol: Protocol, dataset: Dataset, architecture: str, seed: int, results: Path, device: torch.device,
     config: dict[str, Any] | None = None, progress: bool = True,
-    statistics: dict[str, SourceStatistics] | None = None,
+    statistics: dict[str, SourceStatistics] | None = None, precision: str = "fp32",
 ) -> tuple[Architecture, dict[str, Any]]:
     """The source model for (protocol, architecture, config, seed): every part loaded from the cache or trained
     and cached, and the source `statistics` asked for (name -> how to compute them) loaded from the cache or
@@ -216,11 +223,12 @@ def source_model(
 
     Returns the model on `device` and its training record: validation Dice, best epoch, seconds (network and all
     stages in `train_seconds`), one entry per stage, one entry per statistic (seconds and the `path` of its file,
-    read by `load_statistics`), checkpoint path, and whether everything came from the cache.
+    read by `load_statistics`), checkpoint path, and whether everything came from the cache. Network and stages
+    train in `precision` (part of the cache key unless fp32); the statistics are computed in fp32.
     """
     torch.manual_seed(seed)  # the same initial weights, whichever parts come from the cache
     model = build_network(architecture, 1, len(protocol.labels), **(config or {})).to(device)
-    key = cache_key(protocol, dataset, architecture, model)
+    key = cache_key(protocol, dataset, architecture, model) + ([precision] if precision != "fp32" else [])
     path = results / "models" / protocol.name / f"{architecture}-{protocol.source_site}-seed{seed}-{digest(key, 12)}.pt"
     data = SourceData(protocol, dataset)
     record = _cached(path)
@@ -228,7 +236,7 @@ def source_model(
     if cached:
         _load(model, path)
     else:
-        record = {**train_network(model, data, seed, device, progress), "checkpoint": str(path)}
+        record = {**train_network(model, data, seed, device, progress, precision), "checkpoint": str(path)}
         _save(path, model.network_state(), record)
     record = {**record, "stages": {}, "statistics": {}}
     stage_keys = []
@@ -240,7 +248,7 @@ def source_model(
         stage_record = _cached(stage_path)
         if stage_record is None:
             cached = False
-            stage_record = train_stage(model, stage, data, seed, device, progress)
+            stage_record = train_stage(model, stage, data, seed, device, progress, precision)
             _save(stage_path, module.state_dict(), stage_record)
         else:
             _load(module, stage_path)

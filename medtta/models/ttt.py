@@ -63,12 +63,12 @@ class RotationUNet(AuxiliaryUNet):
         the slices are square)."""
         rotations = torch.randint(0, 4, (len(x),), device=x.device)
         rotated = [torch.rot90(s, k, dims=(-2, -1)) for s, k in zip(random_flips(x), rotations.tolist(), strict=True)]
-        logits = torch.empty(len(x), 4, device=x.device)
+        parts, order = [], []
         for shape in dict.fromkeys(r.shape for r in rotated):
             chosen = [i for i, r in enumerate(rotated) if r.shape == shape]
-            logits = logits.index_put((torch.tensor(chosen, device=x.device),),
-                                      self.head(self.encode(torch.stack([rotated[i] for i in chosen]))[-1]))
-        return logits, rotations
+            parts.append(self.head(self.encode(torch.stack([rotated[i] for i in chosen]))[-1]))
+            order += chosen
+        return torch.cat(parts)[torch.argsort(torch.tensor(order, device=x.device))], rotations
 
     def auxiliary_loss(self, x: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the predicted rotation of randomly flipped and rotated copies of the slices."""

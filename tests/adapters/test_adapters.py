@@ -15,6 +15,7 @@ from medtta.errors import MedttaError, RegistryError
 from medtta.metrics import volume_dice
 from medtta.models import build_network
 from medtta.models.base import weights_under_batch_statistics
+from medtta.precision import autocast
 from medtta.registry import ADAPTERS
 
 METHODS = ADAPTERS.list()
@@ -108,6 +109,42 @@ def test_runs_in_both_settings(method: str, setting: str, batch: torch.Tensor) -
         assert torch.equal(outputs[0], outputs[1])
     elif adapter.params:  # no reset: the second pass sees the adapted model
         assert not torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapts_under_bf16_autocast(method: str, batch: torch.Tensor) -> None:
+    """`--precision bf16` (how close it stays to fp32 on trained models: benchmarks/precision.py): updates move
+    the collected parameters and nothing else, the prediction is finite, a reset is exact."""
+    adapter, cpu = _adapter(method), torch.device("cpu")
+    adapter.use_precision("bf16", cpu)
+    collected = {name for name, p in adapter.named_parameters() if any(p is q for q in adapter.params)}
+    before = _snapshot(adapter)
+    with autocast("bf16", cpu):
+        for _ in range(2):
+            adapter.update(batch)
+        changed = _changed(before, adapter.state_dict())
+        assert changed - collected <= adapter.tracked_state() and bool(changed & collected) == bool(collected)
+        adapter.reset()
+        assert _changed(before, adapter.state_dict()) == set()
+        logits = adapt_and_predict(adapter, batch, "episodic", steps=2, batch_size=4)
+    assert logits.shape == (6, 4, 32, 32) and torch.isfinite(logits).all()
+
+
+def test_fp16_scales_the_loss_and_steps_as_fp32(model: nn.Module, batch: torch.Tensor) -> None:
+    """fp16 gradients go through a GradScaler: `backward` scales the loss, `optimizer_step` unscales before Adam."""
+    steps = {}
+    for precision in ("fp32", "fp16"):
+        adapter = ADAPTERS.create("tent", copy.deepcopy(model))
+        adapter.use_precision(precision, torch.device("cpu"))
+        loss, _ = adapter.objective(batch)
+        adapter.backward(loss)
+        grad = adapter.params[0].grad.clone()
+        before = adapter.params[0].detach().clone()
+        adapter.optimizer_step()
+        steps[precision] = (grad, adapter.params[0].detach() - before)
+    scale = 2.0 ** 16  # GradScaler's initial scale
+    assert torch.allclose(steps["fp16"][0], steps["fp32"][0] * scale, rtol=1e-4)
+    assert torch.allclose(steps["fp16"][1], steps["fp32"][1], rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("method", METHODS)
