@@ -3,7 +3,7 @@ the in-domain Dice, adaptation and prediction, metrics, tracking and the rest. R
 (as a user does), then again in the same process (as `medtta bench` runs its cells), timing each phase exclusively
 (a phase's time excludes the phases and imports inside it). Prints figures; asserts nothing.
 
-    python benchmarks/fixed_cost.py [--method bn-stats] [--dataset synth-oct] [--results DIR]
+    python benchmarks/fixed_cost.py [--method bn-stats] [--dataset synth-oct] [--device cpu] [--results DIR]
 
 The target of issue 21: at most 25 % of the wall time outside adaptation and prediction.
 """
@@ -163,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="bn-stats")
     parser.add_argument("--dataset", default="synth-oct")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--results", type=Path, help="results dir with the source model cached (default: a new one)")
     parser.add_argument("--repeat", type=int, default=2, help="runs in the one process")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -173,10 +174,11 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         results = args.results or Path(tmp)
-        cli = ["run", "--method", args.method, "--dataset", args.dataset, "--results", str(results), "-q"]
+        cli = ["run", "--method", args.method, "--dataset", args.dataset, "--device", args.device,
+               "--results", str(results), "-q"]
         subprocess.run([sys.executable, "-m", "medtta", *cli], check=True, stdout=subprocess.DEVNULL)  # cache it
         wall, runs = measure(cli, args.repeat)
-    print(f"cached `medtta {' '.join(cli[:5])}` on the CPU ({args.repeat} runs in one process):\n")
+    print(f"cached `medtta {' '.join(cli[:7])}` ({args.repeat} runs in one process):\n")
     print(table(wall, runs))
 
 

@@ -222,8 +222,10 @@ def test_ui_serves_the_runs_tables_on_localhost(dataset: Path, results: Path) ->
         assert {"source · synth-mri · seed 0", "bn-stats · synth-mri · seed 0"} <= names
         assert any(m["key"] == "dice_recovery_MRI" for r in runs for m in r["data"].get("metrics", []))
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.terminate()  # as `kill` or `docker stop` does
+        server.wait(timeout=60)
+    left = subprocess.run(["pgrep", "-f", f"sqlite:///{results / 'mlflow.db'}"], capture_output=True, text=True)
+    assert left.stdout == "", "medtta ui ended but left its MLflow server (or its workers) running"
 
 
 def test_ui_view_state_is_written_once_under_a_fixed_key(tmp_path: Path) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,7 +50,6 @@ def _wait_until_up(server: subprocess.Popen, url: str) -> None:
                 return
         except OSError:
             time.sleep(0.5)
-    server.terminate()
     raise MedttaError(f"the MLflow server did not answer on {url} within {STARTUP_SECONDS} s")
 
 
@@ -127,9 +129,11 @@ def ui(results: Path | None, tracking_uri: str | None, port: int) -> None:
         raise MedttaError(f"--port {port}: {HOST}:{port} is already in use (choose another with --port)")
     url = f"http://{HOST}:{port}"
     views = {e.experiment_id: _save_view(client, e) for e in experiments}
+    # its own process group, stopped as a whole: MLflow's server runs uvicorn and job workers as child processes
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", HOST,
                                "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, _exit)  # `kill`, `docker stop`: stop the server too, not orphan it
     try:
         _wait_until_up(server, url)
         click.echo(f"MLflow UI on {uri}, runs tables:")
@@ -142,5 +146,21 @@ def ui(results: Path | None, tracking_uri: str | None, port: int) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        server.terminate()
-        server.wait()
+        signal.signal(signal.SIGTERM, previous)
+        _stop(server)
+
+
+def _exit(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """The server and every process it started: terminated, killed if still there after 30 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, sig)
+        try:
+            server.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
