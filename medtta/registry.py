@@ -57,11 +57,15 @@ class Registry:
         self._discover()
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, filter))
 
-    def get(self, name: str) -> type:
-        """The factory registered under `name`; an unknown name fails listing the available ones."""
+    def check(self, name: str) -> None:
+        """Fail, listing the available names, when `name` is unknown; loads nothing."""
         self._discover()
         if name not in self._entries:
             raise RegistryError(f"unknown {self.kind} '{name}' (available: {', '.join(self.list())})")
+
+    def get(self, name: str) -> type:
+        """The factory registered under `name`; an unknown name fails listing the available ones."""
+        self.check(name)
         entry = self._entries[name]
         if not isinstance(entry, type):  # an entry point (some packages swap in importlib_metadata's class)
             try:

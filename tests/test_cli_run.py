@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -339,3 +340,13 @@ def test_precision_bf16_trains_its_own_model_and_is_another_cell(dataset: Path, 
     assert abs(bf16.data.metrics["dice_in_domain"] - fp32.data.metrics["dice_in_domain"]) < 0.1
     code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--precision", "fp64"))
     assert code == 2 and "'fp64' is not one of 'fp32', 'bf16', 'fp16'" in err
+
+
+@pytest.mark.parametrize("args", [["-m", "nope", "-d", "synth-mri"], ["-m", "tent", "-d", "nope"]])
+def test_a_typo_fails_before_the_heavy_imports(args: list[str]) -> None:
+    """An unknown method or dataset is named at once, not after seconds of importing torch, MONAI and MLflow."""
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom medtta.cli.main import main\n"
+            f"result = CliRunner().invoke(main, ['run', *{args!r}])\n"
+            "print(result.exit_code, *(name in sys.modules for name in ('torch', 'monai', 'mlflow')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["2", "False", "False", "False"]

@@ -36,13 +36,17 @@ def run(method, dataset, source_site, target_sites, setting, seed, architecture,
     Generates synthetic data and trains the source model on first use (both cached), adapts on each
     target site, prints a table per site and logs everything to MLflow.
     """
+    from medtta.protocol import resolve_protocol
+    from medtta.registry import ADAPTERS
+
+    protocol = resolve_protocol(dataset, source_site, tuple(target_sites))
+    ADAPTERS.check(method)  # both before the heavy imports (torch, MONAI, MLflow: seconds): a typo fails at once
+
     from medtta.engine import RunConfig
     from medtta.engine import run as run_protocol
-    from medtta.protocol import resolve_protocol
     from medtta.report import source_site_line, summary_table
 
     quiet_mlflow()
-    protocol = resolve_protocol(dataset, source_site, tuple(target_sites))
     arch_config = parse_params(arch_params, "--arch-param")
     if checkpoint is not None:
         from medtta.models.sam import checkpoint_architecture
