@@ -89,7 +89,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def is_stale(run: Run) -> bool:
+def _is_stale(run: Run) -> bool:
     """Left RUNNING by a process of this host that is gone (kill -9, a power cut): it will never end by itself.
     A run of another host, or without a pid, cannot be told apart from a live one."""
     tags = run.data.tags
@@ -97,7 +97,7 @@ def is_stale(run: Run) -> bool:
             and tags.get("medtta.pid", "").isdigit() and not _process_alive(int(tags["medtta.pid"])))
 
 
-def mark_killed(client: MlflowClient, run: Run) -> None:
+def _mark_killed(client: MlflowClient, run: Run) -> None:
     """A stale run, and its running children, marked KILLED."""
     children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     for r in [*children, run]:
@@ -111,9 +111,9 @@ def close_stale_runs(client: MlflowClient, experiment: Any) -> list[Run]:
     if experiment is None:
         return []
     running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=50000)
-    stale = [r for r in running if "mlflow.parentRunId" not in r.data.tags and is_stale(r)]
+    stale = [r for r in running if "mlflow.parentRunId" not in r.data.tags and _is_stale(r)]
     for run in stale:
-        mark_killed(client, run)
+        _mark_killed(client, run)
     return stale
 
 

@@ -200,3 +200,9 @@ def test_methods_are_named_by_what_tells_their_runs_apart() -> None:
     label_variants(cells)
     assert [c.label for c in cells] == ["tent (episodic) [hp.lr=0.001]", "tent (episodic) [hp.lr=0.0001]",
                                         "tent (continual)", "sar (episodic)", "tent (continual)"]
+    # a run logged before `precision` existed is an fp32 run; a bf16 one is another variant
+    cells = [cell("tent", "episodic"), cell("tent", "episodic", precision="fp32"),
+             cell("tent", "episodic", precision="bf16")]
+    label_variants(cells)
+    assert [c.label for c in cells] == ["tent [precision=fp32]", "tent [precision=fp32]", "tent [precision=bf16]"]
+    assert cells[0].variant == cells[1].variant != cells[2].variant

@@ -26,6 +26,8 @@ SOURCE_ROLE = "source"  # `medtta.site_role` of the source-site check's child ru
 # source-site check adds a site but leaves the target sites' numbers as they are)
 NOT_VARIANT = frozenset({"method", "setting", "seed", "device", "target_sites", "in_domain_cases",
                          "source_site_check"})
+#: params added after runs were logged without them, at the value those runs had
+ADDED_PARAMS = {"precision": "fp32"}
 
 
 @dataclass
@@ -64,8 +66,12 @@ class Cell:
     @property
     def variant(self) -> tuple:
         """What distinguishes this method's configuration from another run of the same method."""
-        return (self.method, self.setting, tuple(sorted((k, v) for k, v in self.params.items()
+        return (self.method, self.setting, tuple(sorted((k, v) for k, v in self.all_params.items()
                                                         if k not in NOT_VARIANT)))
+
+    @property
+    def all_params(self) -> dict[str, str]:
+        return {**ADDED_PARAMS, **self.params}
 
 
 @dataclass
@@ -211,6 +217,6 @@ def label_variants(cells: list[Cell]) -> None:
         configs = variants[(c.method, c.setting, c.protocol)]
         if len(configs) > 1:
             differing = sorted({k for config in configs for k, v in config if not all((k, v) in o for o in configs)})
-            label += " [" + ", ".join(f"{k}={c.params.get(k, '-')}" for k in differing) + "]"
+            label += " [" + ", ".join(f"{k}={c.all_params.get(k, '-')}" for k in differing) + "]"
         c.label = label
 
