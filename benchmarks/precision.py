@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from math import nan
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -47,7 +48,7 @@ def table(metrics: dict[tuple[str, str], dict[str, float]], methods: tuple[str, 
             continue
         deltas = {p: m[p]["dice"] - m["fp32"]["dice"] for p in others}
         rows.append([method, *(f"{m[p]['dice']:.3f}" for p in precisions), *(f"{deltas[p]:+.3f}" for p in others),
-                     *(f"{m[p]['dice_recovery'] - m['fp32']['dice_recovery']:+.3f}" for p in others),
+                     *(f"{m[p].get('dice_recovery', nan) - m['fp32'].get('dice_recovery', nan):+.3f}" for p in others),
                      *(f"{m[p]['seconds_per_volume']:.3f}" for p in precisions),
                      ",".join(p for p in others if abs(deltas[p]) <= TOLERANCE) or "-"])
     return format_table(header, rows)
