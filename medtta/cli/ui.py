@@ -55,14 +55,9 @@ def _wait_until_up(server: subprocess.Popen, url: str) -> None:
 
 def _metric_keys(client, experiment_id: str) -> set[str]:
     """The metric names of the experiment's parent runs (one row per cell in the runs table)."""
-    keys: set[str] = set()
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=PARENTS_ONLY, max_results=1000, page_token=token)
-        keys.update(k for r in page for k in r.data.metrics)
-        token = page.token
-        if not token:
-            return keys
+    from medtta.report.store import all_runs
+
+    return {k for r in all_runs(client, [experiment_id], PARENTS_ONLY) for k in r.data.metrics}
 
 
 def view_state(metrics: set[str]) -> dict:

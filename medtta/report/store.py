@@ -141,7 +141,7 @@ def read_store(uri: str, patterns: Sequence[str] = ("medtta/*",),
         available = ", ".join(n for n in sorted(found) if n.startswith(PREFIX) and not n.startswith(SITE_EVAL_PREFIX))
         raise MedttaError(f"no benchmark experiment in {uri} matches --experiment {' '.join(patterns)} "
                           f"(available: {available or 'none: run `medtta run` or `medtta bench` first'})")
-    runs = list(_all_runs(client, [found[n] for n in names]))
+    runs = list(all_runs(client, [found[n] for n in names]))
     by_experiment = {found[n]: n for n in names}
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and "medtta.method" in r.data.tags]
     finished = [r for r in parents if r.info.status == "FINISHED"]
@@ -165,10 +165,11 @@ def read_store(uri: str, patterns: Sequence[str] = ("medtta/*",),
     return Store(uri, names, kept, len(parents) - len(finished), len(cells) - len(kept), client)
 
 
-def _all_runs(client: Any, experiment_ids: list[str]) -> Iterator[Any]:
+def all_runs(client: Any, experiment_ids: list[str], filter_string: str = "") -> Iterator[Any]:
+    """Every run of the experiments matching `filter_string`, a page of MLflow's search at a time."""
     token = None
     while True:
-        page = client.search_runs(experiment_ids, max_results=1000, page_token=token)
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
         yield from page
         token = page.token
         if not token:
