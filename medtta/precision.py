@@ -22,10 +22,12 @@ def check_precision(precision: str) -> str:
 
 
 def autocast(precision: str, device: torch.device) -> AbstractContextManager:
-    """The forward passes' context: torch autocast to the precision's dtype, nothing in fp32."""
+    """The forward passes' context: torch autocast to the precision's dtype, nothing in fp32. Without autocast's
+    cache of low-precision weight copies: a region spans optimizer steps (an epoch, a volume's adaptation), and a
+    cached copy would keep the weights of the region's first forward (bf16 source training collapsed on it)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
+    return torch.autocast(device.type, dtype=_DTYPES[precision], cache_enabled=False)
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
