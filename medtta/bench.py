@@ -30,9 +30,10 @@ from medtta.errors import MedttaError, MedttaWarning
 from medtta.metrics import mean
 from medtta.paths import results_root
 from medtta.progress import progress_bar
-from medtta.protocol import SETTINGS, Protocol, list_protocols, resolve_protocol
+from medtta.protocol import Protocol, list_protocols, resolve_protocol
 from medtta.registry import ADAPTERS
 from medtta.report import format_table
+from medtta.streams import SETTINGS
 from medtta.tracking import Tracker, experiment_name, stale_message, tracking_uri
 
 EXECUTORS = ("local", "ray")
@@ -104,6 +105,18 @@ def select_methods(spec: str) -> tuple[str, ...]:
             raise MedttaError(f"--methods: no method matches '{item}' (available: {', '.join(names)})")
         chosen += [m for m in matched if m not in chosen]
     return tuple(chosen)
+
+
+def select_settings(spec: str) -> tuple[str, ...]:
+    """`all`, `both` (episodic and continual, as before the other settings existed) or comma-separated settings."""
+    if spec.strip() in ("all", "both"):
+        return SETTINGS if spec.strip() == "all" else ("episodic", "continual")
+    chosen = tuple(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))
+    for setting in chosen or (spec,):
+        if setting not in SETTINGS:
+            raise MedttaError(f"--setting '{setting}': expected all or comma-separated settings of "
+                              f"{', '.join(SETTINGS)}")
+    return chosen
 
 
 def select_protocols(spec: str, source_site: str | None = None) -> tuple[Protocol, ...]:
@@ -282,9 +295,6 @@ def sort_out(cells: list[Cell], config: BenchConfig, client: MlflowClient) -> tu
 
 def check(config: BenchConfig) -> None:
     """Fail before anything runs on a setting, method, hyper-parameter or architecture config that is wrong."""
-    for setting in config.settings:
-        if setting not in SETTINGS:
-            raise MedttaError(f"--setting '{setting}': expected episodic, continual or both")
     if config.executor not in EXECUTORS:
         raise MedttaError(f"--executor '{config.executor}': expected one of {', '.join(EXECUTORS)}")
     for cell in grid(config):

@@ -1,5 +1,5 @@
-"""Runs a protocol: trains or loads the source model, then streams each target site's volumes
-through an adapter in the episodic or continual setting, logging everything to MLflow."""
+"""Runs a protocol: trains or loads the source model, then streams the target sites' volumes through an adapter
+in one of the settings of `medtta.streams`, logging everything to MLflow."""
 
 from __future__ import annotations
 
@@ -33,9 +33,18 @@ from medtta.models.training import load_statistics, source_model
 from medtta.paths import results_root
 from medtta.precision import autocast, check_precision, use_tf32
 from medtta.progress import progress_bar
-from medtta.protocol import SETTINGS, Protocol
+from medtta.protocol import Protocol
 from medtta.registry import ADAPTERS, ARCHITECTURES
-from medtta.stats import mean_dice_change, summarize_cases
+from medtta.stats import mean_dice_change, slope, summarize_cases
+from medtta.streams import (
+    DEFAULT_ROUNDS,
+    ORDERED,
+    Visit,
+    check_setting,
+    parse_site_order,
+    pass_labels,
+    target_stream,
+)
 from medtta.tracking import Tracker, stale_message, tracking_uri
 
 
@@ -58,6 +67,8 @@ class RunConfig:
     progress: bool = True
     source_site_check: bool = False  # also adapt on the source site's test cases, as a stream of their own
     precision: str = "fp32"  # of source training, adaptation and inference: fp32, bf16 or fp16 (see medtta.precision)
+    rounds: int = DEFAULT_ROUNDS  # passes over the target sites in the recurring setting
+    site_order: str = "fixed"  # or `shuffled:N`: the continual and recurring figures averaged over N site orders
 
 
 #: `medtta.site_role` of a child run: a target site, or the source site of the "do no harm" check
@@ -120,9 +131,9 @@ def adapt_and_predict(adapter: Adapter, x: torch.Tensor, setting: str, steps: in
     """Logits for one volume's slices.
 
     episodic: reset, adapt to the volume (`steps` iterations, as the method defines them), then predict;
-    continual: each batch is predicted, then used for one update (predict, then update); no reset.
+    any other setting is online: each batch is predicted, then used for one update; the stream resets.
     """
-    if setting == "continual":
+    if setting != "episodic":
         return torch.cat([adapter(b) for b in _batches(x, batch_size)])
     adapter.reset()
     adapter.adapt(x, steps, batch_size)
@@ -276,8 +287,8 @@ class Engine:
         self.adapter_cls = ADAPTERS.get(config.method)
         self.adapter_cls.check_hparams(config.hparams)
         self.setting = config.setting or protocol.setting
-        if self.setting not in SETTINGS:
-            raise MedttaError(f"--setting '{self.setting}': expected one of {', '.join(SETTINGS)}")
+        check_setting(self.setting, config.rounds)
+        parse_site_order(config.site_order)
         self.steps = self.adapter_cls.default_steps if config.steps is None else config.steps
         self.architecture_name = method_architecture(config.method, config.architecture)
         self.architecture = ARCHITECTURES.get(self.architecture_name)
@@ -299,9 +310,15 @@ class Engine:
                 "target_sites": ",".join(p.target_sites), "architecture": self.architecture_name,
                 "train_epochs": p.training.epochs, "train_lr": p.training.lr,
                 "input_size": "x".join(map(str, p.preprocessing.size)), "input_spacing": p.preprocessing.spacing,
-                "source_site_check": c.source_site_check, "precision": self.precision,
+                "source_site_check": c.source_site_check, "precision": self.precision, **self._stream_params(),
                 **{f"hp.{k}": v for k, v in hparams.items()},
                 **{f"arch.{k}": v for k, v in {**self.architecture.defaults, **c.arch_config}.items()}}
+
+    def _stream_params(self) -> dict[str, Any]:
+        """`rounds` of a recurring run and the `site_order` of shuffled orders, where they change the figures."""
+        c = self.config
+        return {**({"rounds": c.rounds} if self.setting == "recurring" else {}),
+                **({"site_order": c.site_order} if self.setting in ORDERED and c.site_order != "fixed" else {})}
 
     def cell(self) -> str:
         """The identity of what this run computes: a finished run with the same cell need not run again."""
@@ -350,9 +367,10 @@ class Engine:
             adapter = create_adapter(c.method, copy.deepcopy(model), record, **c.hparams).to(self.device)
             adapter.use_precision(self.precision, self.device)
             out_dir = self.results / "runs" / p.name / run_id
-            sites = [self._run_site(site, TARGET, dataset, unadapted, adapter, tracker, tags, in_domain, out_dir)
-                     for site in p.target_sites]
-            metrics = self._parent_metrics(sites)
+            cases = {site: dataset.cases_of(site, "test") for site in p.target_sites}
+            stream = target_stream(self.setting, cases, c.seed, c.rounds, c.site_order)
+            sites = self._run_sites(stream, TARGET, dataset, unadapted, adapter, tracker, tags, in_domain, out_dir)
+            metrics = {**self._parent_metrics(sites), **self._round_metrics(sites, in_domain, tracker)}
             check = self._source_site_check(dataset, unadapted, adapter, tracker, tags, out_dir)
             if check is not None:
                 metrics["source_site_harm"] = check.summary["source_site_harm"]
@@ -367,26 +385,57 @@ class Engine:
             return None
         adapter.reset()
         seed_everything(self.config.seed)
-        return self._run_site(self.protocol.source_site, SOURCE, dataset, unadapted, adapter, tracker, tags,
-                              math.nan, out_dir)
+        site = self.protocol.source_site
+        stream = [Visit(site, case) for case in dataset.cases_of(site, "test")]
+        return self._run_sites(stream, SOURCE, dataset, unadapted, adapter, tracker, tags, math.nan, out_dir)[0]
 
-    def _run_site(self, site: str, role: str, dataset: Dataset, unadapted: SourcePredictions, adapter: Adapter,
-                  tracker: Tracker, tags: dict[str, Any], in_domain: float, out_dir: Path) -> SiteResult:
-        """One site's child run (`role`: a target site, or the source site of the check) and its summary."""
+    def _run_sites(self, stream: list[Visit], role: str, dataset: Dataset, unadapted: SourcePredictions,
+                   adapter: Adapter, tracker: Tracker, tags: dict[str, Any], in_domain: float, out_dir: Path
+                   ) -> list[SiteResult]:
+        """The stream's volumes through the adapter, then one child run per site (`role`: target sites, or the
+        source site of the check) with its cases and summary. A failure keeps the rows evaluated so far (each
+        site's CSV, also logged to the parent run)."""
         c = self.config
+        logs = {v.site: CaseLog(out_dir / f"cases-{v.site}.csv") for v in stream}
+        shown: dict[str, dict[str, Any]] = {site: {} for site in logs}
+        try:
+            for visit in progress_bar(stream, desc=f"{c.method} on site {', '.join(logs)}", unit="volume",
+                                      disable=not c.progress, leave=False):
+                if visit.reset:
+                    adapter.reset()
+                row, shown[visit.site][visit.case.case_id] = self._evaluate_case(visit.case, visit.site, unadapted,
+                                                                                 adapter)
+                logs[visit.site].add({**row, **pass_labels(self.setting, visit, c.site_order)})
+        except BaseException:
+            for log in logs.values():
+                if log.rows:
+                    tracker.log_artifact(log.path, "cases-partial")
+            raise
+        return [self._log_site(site, role, log.rows, shown[site], dataset, tracker, tags, in_domain, out_dir)
+                for site, log in logs.items()]
+
+    def _log_site(self, site: str, role: str, rows: list[dict[str, Any]], shown: dict[str, dict[str, np.ndarray]],
+                  dataset: Dataset, tracker: Tracker, tags: dict[str, Any], in_domain: float, out_dir: Path
+                  ) -> SiteResult:
+        """One site's child run: its case table, chosen slices and summary."""
         with tracker.run(site, {**tags, "medtta.site": site, "medtta.site_role": role}, nested=True):
-            log, shown = CaseLog(out_dir / f"cases-{site}.csv"), {}
-            try:
-                for case in progress_bar(dataset.cases_of(site, "test"), desc=f"{c.method} on site {site}",
-                                         unit="volume", disable=not c.progress, leave=False):
-                    row, shown[case.case_id] = self._evaluate_case(case, site, unadapted, adapter)
-                    log.add(row)
-            finally:
-                tracker.log_table(log.rows, "cases")
-            self._log_qualitative(dataset, log.rows, shown, out_dir / "slices" / site, tracker)
-            summary = site_summary(log.rows, role, in_domain)
+            tracker.log_table(rows, "cases")
+            self._log_qualitative(dataset, rows, shown, out_dir / "slices" / site, tracker)
+            summary = site_summary(rows, role, in_domain)
             tracker.log_metrics(summary)
-        return SiteResult(site, log.rows, summary, role)
+        return SiteResult(site, rows, summary, role)
+
+    def _round_metrics(self, sites: list[SiteResult], in_domain: float, tracker: Tracker) -> dict[str, float]:
+        """Recurring: the recovery of each round (the metric's history, one step per round) and its slope per
+        round (negative: the model degrades as the stream recurs)."""
+        if self.setting != "recurring":
+            return {}
+        per_round = [mean([site_summary([r for r in s.rows if r["round"] == k], TARGET, in_domain)["dice_recovery"]
+                           for s in sites]) for k in range(1, self.config.rounds + 1)]
+        for k, value in enumerate(per_round, start=1):
+            tracker.log_metrics({"dice_recovery_round": value}, step=k)
+        return {"dice_recovery_first_round": per_round[0], "dice_recovery_last_round": per_round[-1],
+                "dice_recovery_slope": slope(per_round)}
 
     def _parent_metrics(self, sites: list[SiteResult]) -> dict[str, float]:
         """Means over target sites; the recovery again as `dice_recovery_<MODALITY>`, so MLflow ranks methods per

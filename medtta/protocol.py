@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 
 from medtta.errors import ProtocolError
+from medtta.streams import SETTINGS
 
-SETTINGS = ("episodic", "continual")
 MODALITIES = ("MRI", "CT", "OCT")
 INTENSITY_SCHEMES = {"MRI": "mr", "CT": "ct", "OCT": "oct"}  # the default normalization of each modality
 

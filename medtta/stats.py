@@ -123,10 +123,19 @@ def wilcoxon_p(adapted: Sequence[float], unadapted: Sequence[float]) -> float:
     return float(wilcoxon(a, u).pvalue)
 
 
+def _rows_by_case(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Rows grouped by `case_id`: a case scored once per pass (the rounds of a recurring stream, site orders)."""
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault(str(row["case_id"]), []).append(row)
+    return grouped
+
+
 @dataclass(frozen=True)
 class SiteCases:
     """A method's cases on one target site: per-case Dice adapted (`dice`) and unadapted (`dice_source`), one row per
-    seed over the same cases, and the in-domain Dice of each seed's source model."""
+    seed over the same cases (a case scored in several passes: the mean over them), and the in-domain Dice of each
+    seed's source model."""
 
     site: str
     seeds: tuple[int, ...]
@@ -140,13 +149,13 @@ class SiteCases:
         """From `{seed: (case rows, in-domain Dice)}`; rows carry `case_id`, `dice` and `dice_source`. Only the cases
         every seed has are kept (every seed of a protocol sees the same test cases)."""
         seeds = tuple(sorted(runs))
-        by_seed = {s: {str(r["case_id"]): r for r in runs[s][0]} for s in seeds}
+        by_seed = {s: _rows_by_case(runs[s][0]) for s in seeds}
         first = by_seed[seeds[0]] if seeds else {}
         ids = tuple(c for c in first if all(c in by_seed[s] for s in seeds))
 
         def column(key: str) -> np.ndarray:
-            return np.array([[as_float(by_seed[s][c].get(key)) for c in ids] for s in seeds], dtype=float).reshape(
-                len(seeds), len(ids))
+            return np.array([[nanmean([as_float(r.get(key)) for r in by_seed[s][c]]) for c in ids] for s in seeds],
+                            dtype=float).reshape(len(seeds), len(ids))
 
         return cls(site, seeds, ids, column("dice"), column("dice_source"),
                    np.array([runs[s][1] for s in seeds], dtype=float))
@@ -290,6 +299,13 @@ def summarize_cases(rows: Sequence[Mapping[str, Any]], dice_in_domain: float,
     if any("seconds_source" in r for r in rows):
         summary["seconds_per_volume_source"] = mean([as_float(r.get("seconds_source")) for r in rows])
     return summary
+
+
+def slope(values: Sequence[float]) -> float:
+    """Least-squares slope of `values` against their index (per step); NaN with fewer than two."""
+    if len(values) < 2:
+        return math.nan
+    return float(np.polyfit(np.arange(len(values)), np.asarray(values, dtype=float), 1)[0])
 
 
 def mean_dice_change(rows: Sequence[Mapping[str, Any]]) -> float:

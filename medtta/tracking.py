@@ -63,9 +63,10 @@ class Tracker:
             yield active.info.run_id
 
     @staticmethod
-    def log_metrics(metrics: dict[str, float]) -> None:
-        """Log the finite metrics (MLflow cannot plot NaN; a missing key says 'undefined')."""
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)})
+    def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+        """Log the finite metrics (MLflow cannot plot NaN; a missing key says 'undefined'), at `step` of their
+        history when given."""
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}, step=step)
 
     @staticmethod
     def log_table(rows: list[dict[str, Any]], name: str) -> None:

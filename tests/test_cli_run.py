@@ -350,3 +350,61 @@ def test_a_typo_fails_before_the_heavy_imports(args: list[str]) -> None:
             "print(result.exit_code, *(name in sys.modules for name in ('torch', 'monai', 'mlflow')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["2", "False", "False", "False"]
+
+
+def _cases(results: Path, parent, site: str) -> list[dict[str, str]]:
+    import csv
+
+    path = results / "runs" / "synth-mri" / parent.info.run_id / f"cases-{site}.csv"
+    with path.open(encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _last_parent(results: Path):
+    return [r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags][-1]
+
+
+def test_per_site_resets_when_the_site_changes(dataset: Path, results: Path) -> None:
+    dice = {}
+    for setting, sites in (("per-site", ("B", "C")), ("continual", ("B", "C")), ("continual", ("C",))):
+        targets = [a for s in sites for a in ("--target-site", s)]
+        code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", setting, *targets))
+        assert code == 0, err
+        dice[setting, sites] = [row["dice"] for row in _cases(results, _last_parent(results), "C")]
+    assert dice["per-site", ("B", "C")] == dice["continual", ("C",)]  # reset before C: as if C came first
+    assert dice["continual", ("B", "C")] != dice["continual", ("C",)]  # no reset: C sees the model B adapted
+
+
+def test_recurring_scores_every_round(dataset: Path, results: Path) -> None:
+    code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", "recurring", "--rounds", "3"))
+    assert code == 0, err
+    parent = _last_parent(results)
+    assert parent.data.params["rounds"] == "3" and parent.info.run_name == "tent · synth-mri · seed 0 · recurring"
+    rows = _cases(results, parent, "B")
+    cases = len(rows) // 3
+    assert [row["round"] for row in rows] == ["1"] * cases + ["2"] * cases + ["3"] * cases
+    history = client_for(results).get_metric_history(parent.info.run_id, "dice_recovery_round")
+    curve = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
+    m = parent.data.metrics
+    assert (m["dice_recovery_first_round"], m["dice_recovery_last_round"]) == pytest.approx((curve[0], curve[-1]))
+    assert m["dice_recovery_slope"] == pytest.approx((curve[2] - curve[0]) / 2)
+    assert m["dice_recovery"] == pytest.approx(np.mean(curve), abs=1e-6)  # every round's cases count once
+
+
+def test_mixed_and_shuffled_site_orders(dataset: Path, results: Path) -> None:
+    code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", "mixed"))
+    assert code == 0, err
+    mixed = _last_parent(results)
+    assert mixed.data.tags["medtta.setting"] == "mixed" and "site_order" not in mixed.data.params
+    once = {site: len(_cases(results, mixed, site)) for site in ("B", "C")}
+    code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", "continual",
+                                    "--site-order", "shuffled:2"))
+    assert code == 0, err
+    shuffled = _last_parent(results)
+    assert shuffled.data.params["site_order"] == "shuffled:2"
+    for site in ("B", "C"):
+        orders = sorted(row["order"] for row in _cases(results, shuffled, site))
+        assert orders == ["1"] * once[site] + ["2"] * once[site]
+    code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--site-order", "random"))
+    assert code == 2 and "--site-order 'random': expected fixed or shuffled:N" in err

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from medtta.cli.options import engine_options, parse_method_params, parse_params, quiet_mlflow
+from medtta.cli.options import SETTING_HELP, engine_options, parse_method_params, parse_params, quiet_mlflow
 
 
 def _grouped_params(values: tuple[str, ...]) -> dict[str, dict]:
@@ -24,8 +24,8 @@ def _grouped_params(values: tuple[str, ...]) -> dict[str, dict]:
                    "(with --source-site).")
 @click.option("--seeds", default="0", show_default=True,
               help="Comma-separated seeds; each one trains its own source model.")
-@click.option("--setting", default="episodic", show_default=True,
-              type=click.Choice(["episodic", "continual", "both"]), help="Settings to run each method in.")
+@click.option("--setting", default="episodic", show_default=True, metavar="all|SETTING[,SETTING...]",
+              help="Settings to run each method in, comma-separated, or all. " + SETTING_HELP)
 @click.option("--source-site", help="Source site of dataset folders given to --datasets.")
 @click.option("--param", "-p", "params", multiple=True, metavar="[METHOD.]KEY=VALUE",
               help="Hyper-parameter of one method (-p tent.lr=1e-4) or of every method that has it (-p lr=1e-4); "
@@ -37,7 +37,7 @@ def _grouped_params(values: tuple[str, ...]) -> dict[str, dict]:
                    "GPU cells asking for a GPU. Needs pip install 'medtta[ray]'.")
 @engine_options
 def bench(methods, datasets, seeds, setting, source_site, params, workers, executor, steps, batch_size, arch_params,
-          epochs, source_site_check, device, precision, results, tracking_uri, quiet) -> None:
+          epochs, source_site_check, device, precision, rounds, site_order, results, tracking_uri, quiet) -> None:
     """Run every method on every protocol and seed (a grid of cells), as `medtta run` would, and summarize.
 
     Datasets are checked and source models trained (with their unadapted predictions) once, before any cell
@@ -45,7 +45,14 @@ def bench(methods, datasets, seeds, setting, source_site, params, workers, execu
     killed or extended grid does only what is missing. A failed cell is reported and the grid goes on (exit
     code 1 at the end). `medtta report` then writes tables and figures, `medtta ui` opens MLflow.
     """
-    from medtta.bench import BenchConfig, method_params, select_methods, select_protocols, summary_table
+    from medtta.bench import (
+        BenchConfig,
+        method_params,
+        select_methods,
+        select_protocols,
+        select_settings,
+        summary_table,
+    )
     from medtta.bench import bench as run_bench
     from medtta.engine import RunConfig
     from medtta.errors import MedttaError
@@ -59,9 +66,10 @@ def bench(methods, datasets, seeds, setting, source_site, params, workers, execu
     chosen = select_methods(methods)
     run = RunConfig(method="source", steps=steps, batch_size=batch_size,
                     arch_config=parse_params(arch_params, "--arch-param"), device=device, results=results,
-                    tracking_uri=tracking_uri, epochs=epochs, source_site_check=source_site_check, precision=precision)
+                    tracking_uri=tracking_uri, epochs=epochs, source_site_check=source_site_check, precision=precision,
+                    rounds=rounds, site_order=site_order)
     config = BenchConfig(methods=chosen, protocols=select_protocols(datasets, source_site), seeds=seed_list,
-                         settings=("episodic", "continual") if setting == "both" else (setting,),
+                         settings=select_settings(setting),
                          hparams=method_params(_grouped_params(params), chosen), run=run, workers=workers,
                          executor=executor)
     result = run_bench(config, progress=not quiet, echo=click.echo)

@@ -77,7 +77,17 @@ engine_options = _apply([
                  help="Of source training, adaptation and inference: bf16/fp16 run under torch autocast (fp16 with "
                       "a gradient scaler; a model trained in another precision is another cached model); fp32 uses "
                       "TF32 matmuls on CUDA. A run param: another precision is another cell."),
+    click.option("--rounds", default=10, show_default=True, type=click.IntRange(min=1),
+                 help="Passes over the target sites in the recurring setting (recovery per round and its slope)."),
+    click.option("--site-order", default="fixed", show_default=True, metavar="fixed|shuffled:N",
+                 help="fixed: the protocol's site order; shuffled:N: the continual and recurring streams run over N "
+                      "seeded site orders (reset before each) and their figures are means over the orders."),
     RESULTS,
     TRACKING_URI,
     click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
 ])
+
+#: `--setting`'s help, shared by `medtta run` and `medtta bench`
+SETTING_HELP = ("episodic: reset per volume, adapt then predict; continual: the target sites one after another, "
+                "predict then update, never reset; per-site: reset when the site changes, online within it; mixed: "
+                "every target volume in one seeded shuffled stream; recurring: the continual stream --rounds times.")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from medtta.cli.options import engine_options, parse_params, quiet_mlflow
+from medtta.cli.options import SETTING_HELP, engine_options, parse_params, quiet_mlflow
+from medtta.streams import SETTINGS
 
 
 @click.command()
@@ -17,9 +18,7 @@ from medtta.cli.options import engine_options, parse_params, quiet_mlflow
 @click.option("--source-site", help="Site the source model is trained on (default: the protocol's).")
 @click.option("--target-site", "target_sites", multiple=True,
               help="Target site to adapt to; repeatable (default: every other site, in protocol order).")
-@click.option("--setting", type=click.Choice(["episodic", "continual"]),
-              help="episodic: reset per volume, update then predict; continual: one stream of sites, "
-                   "predict then update (default: the protocol's, usually episodic).")
+@click.option("--setting", type=click.Choice(SETTINGS), help=SETTING_HELP + " Default: the protocol's (episodic).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Fixes source training and adaptation.")
 @click.option("--architecture", help="Source architecture the method adapts, when it adapts several (see `medtta list "
                                      "architectures`; default: the method's first, or the one --checkpoint fits).")
@@ -30,7 +29,8 @@ from medtta.cli.options import engine_options, parse_params, quiet_mlflow
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
               help="Method hyper-parameter, e.g. -p lr=1e-4; repeatable.")
 def run(method, dataset, source_site, target_sites, setting, seed, architecture, checkpoint, steps, batch_size, params,
-        arch_params, epochs, source_site_check, device, precision, results, tracking_uri, quiet) -> None:
+        arch_params, epochs, source_site_check, device, precision, rounds, site_order, results, tracking_uri,
+        quiet) -> None:
     """Adapt a source model to every target site of a protocol and report Dice recovery.
 
     Generates synthetic data and trains the source model on first use (both cached), adapts on each
@@ -56,7 +56,8 @@ def run(method, dataset, source_site, target_sites, setting, seed, architecture,
     config = RunConfig(method=method, setting=setting, seed=seed, steps=steps, batch_size=batch_size,
                        hparams=parse_params(params), arch_config=arch_config, architecture=architecture,
                        device=device, results=results, tracking_uri=tracking_uri,
-                       epochs=epochs, progress=not quiet, source_site_check=source_site_check, precision=precision)
+                       epochs=epochs, progress=not quiet, source_site_check=source_site_check, precision=precision,
+                       rounds=rounds, site_order=site_order)
     result = run_protocol(protocol, config)
     click.echo(f"\n{method} on {protocol.name} ({protocol.modality}, {result.setting}, seed {seed}), "
                f"source site {protocol.source_site}")
