@@ -35,7 +35,7 @@ from medtta.precision import autocast, check_precision, use_tf32
 from medtta.progress import progress_bar
 from medtta.protocol import Protocol
 from medtta.registry import ADAPTERS, ARCHITECTURES
-from medtta.stats import mean_dice_change, slope, summarize_cases
+from medtta.stats import mean_dice_change, recovery_per_round, slope, summarize_cases
 from medtta.streams import (
     DEFAULT_ROUNDS,
     ORDERED,
@@ -430,8 +430,7 @@ class Engine:
         round (negative: the model degrades as the stream recurs)."""
         if self.setting != "recurring":
             return {}
-        per_round = [mean([site_summary([r for r in s.rows if r["round"] == k], TARGET, in_domain)["dice_recovery"]
-                           for s in sites]) for k in range(1, self.config.rounds + 1)]
+        per_round = recovery_per_round([s.rows for s in sites], in_domain)
         for k, value in enumerate(per_round, start=1):
             tracker.log_metrics({"dice_recovery_round": value}, step=k)
         return {"dice_recovery_first_round": per_round[0], "dice_recovery_last_round": per_round[-1],

@@ -301,6 +301,14 @@ def summarize_cases(rows: Sequence[Mapping[str, Any]], dice_in_domain: float,
     return summary
 
 
+def recovery_per_round(sites: Sequence[Sequence[Mapping[str, Any]]], dice_in_domain: float) -> list[float]:
+    """A recurring stream's curve: per round (the rows' `round`, from 1), the mean over sites (each a list of case
+    rows) of the site's Dice recovery in that round."""
+    rounds = sorted({int(r["round"]) for rows in sites for r in rows})
+    return [mean([summarize_cases([r for r in rows if int(r["round"]) == k], dice_in_domain)["dice_recovery"]
+                  for rows in sites]) for k in rounds]
+
+
 def slope(values: Sequence[float]) -> float:
     """Least-squares slope of `values` against their index (per step); NaN with fewer than two."""
     if len(values) < 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -353,8 +354,6 @@ def test_a_typo_fails_before_the_heavy_imports(args: list[str]) -> None:
 
 
 def _cases(results: Path, parent, site: str) -> list[dict[str, str]]:
-    import csv
-
     path = results / "runs" / "synth-mri" / parent.info.run_id / f"cases-{site}.csv"
     with path.open(encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
@@ -390,6 +389,12 @@ def test_recurring_scores_every_round(dataset: Path, results: Path) -> None:
     assert (m["dice_recovery_first_round"], m["dice_recovery_last_round"]) == pytest.approx((curve[0], curve[-1]))
     assert m["dice_recovery_slope"] == pytest.approx((curve[2] - curve[0]) / 2)
     assert m["dice_recovery"] == pytest.approx(np.mean(curve), abs=1e-6)  # every round's cases count once
+    code, _, err = invoke("report", "--results", str(results), "--out", str(results / "report"), "--no-log-figures")
+    assert code == 0, err
+    with (results / "report" / "recurring.csv").open(encoding="utf-8") as fh:
+        [row] = list(csv.DictReader(fh))  # the only recurring run
+    assert [float(row[f"round_{k}"]) for k in (1, 2, 3)] == pytest.approx(curve)
+    assert "## Recurring stream" in (results / "report" / "report.md").read_text()
 
 
 def test_mixed_and_shuffled_site_orders(dataset: Path, results: Path) -> None:

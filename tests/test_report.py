@@ -206,3 +206,29 @@ def test_methods_are_named_by_what_tells_their_runs_apart() -> None:
     label_variants(cells)
     assert [c.label for c in cells] == ["tent [precision=fp32]", "tent [precision=fp32]", "tent [precision=bf16]"]
     assert cells[0].variant == cells[1].variant != cells[2].variant
+
+
+def test_recurring_table_and_a_case_scored_once_per_round() -> None:
+    """Recovery per round, mean over sites then seeds, and its slope; the per-site tables count every case once (the
+    mean over its rounds), so rounds are not mistaken for cases."""
+    from medtta.report import tables
+    from medtta.report.store import SiteRun
+
+    def rows(dice: dict[int, float]) -> list[dict]:
+        return [{"case_id": case, "round": k, "dice": d, "dice_source": 0.5} for k, d in dice.items()
+                for case in ("c1", "c2")]
+
+    def cell(seed: int, shift: float) -> Cell:
+        sites = [SiteRun("r", "B", {}, rows({1: 0.7 + shift, 2: 0.6 + shift})),
+                 SiteRun("r", "C", {}, rows({1: 0.9 + shift, 2: 0.7 + shift}))]
+        return Cell("id", "medtta/p", "p", "MRI", "tent", "output", "unet", "recurring", seed,
+                    {"seed": str(seed), "rounds": "2"}, {"dice_in_domain": 0.9}, 0, sites)
+
+    cells = [cell(0, 0.0), cell(1, 0.04)]
+    label_variants(cells)
+    [row] = tables.recurring(cells)
+    assert (row["method"], row["seeds"], row["rounds"]) == ("tent", 2, 2)
+    assert (row["round_1"], row["round_2"], row["slope"]) == pytest.approx((0.8, 0.425, -0.375))
+    site_b = tables.site_cases(cells)[0]
+    assert site_b.case_ids == ("c1", "c2") and site_b.dice[0] == pytest.approx([0.65, 0.65])
+    assert tables.recurring([c for c in cells if c.setting != "recurring"]) == []

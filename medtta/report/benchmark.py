@@ -22,7 +22,7 @@ from medtta.report.text import markdown_table, write_csv
 from medtta.stats import PARADIGMS, Estimate
 
 CSVS = ("recovery_by_modality", "dice_by_site", "by_paradigm", "cost", "collapses")
-CHECK_CSVS = ("source_site",)  # written only when some run made the source-site check
+CHECK_CSVS = ("source_site", "recurring")  # written only when some run made the source-site check, or recurred
 FIGURES = ("recovery_heatmap", "dice_per_site", "cost_vs_recovery", "qualitative")
 ARTIFACT_DIR = "report"  # figures land in each parent run as report/<figure>.png
 
@@ -48,7 +48,7 @@ def compute_tables(cells: list[Cell], boot: t.Bootstrap = t.DEFAULT) -> dict[str
     by_modality = t.recovery_by_modality(cells, boot)
     return {"recovery_by_modality": by_modality, "dice_by_site": t.dice_by_site(cells, boot),
             "by_paradigm": t.by_paradigm(by_modality), "cost": t.cost(cells), "collapses": t.collapses(cells),
-            "source_site": t.source_site(cells, boot)}
+            "source_site": t.source_site(cells, boot), "recurring": t.recurring(cells)}
 
 
 def csv_names(tables: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -188,6 +188,14 @@ def cost_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                      _num(r["cost_ratio"], 2), _num(r["peak_memory_mb"], 0)] for r in rows]
 
 
+def recurring_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    rounds = max(r["rounds"] for r in rows)
+    header = ["method", "protocol", "seeds", *(f"round {k}" for k in range(1, rounds + 1)), "slope / round"]
+    return header, [[r["method"], r["protocol"], str(r["seeds"]),
+                     *(_num(r.get(f"round_{k}", math.nan)) for k in range(1, rounds + 1)), _num(r["slope"], 4)]
+                    for r in rows]
+
+
 def collapse_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "protocol", "site", "seed", "case", "Dice unadapted → adapted", "foreground / unadapted",
               "reason"]
@@ -244,6 +252,12 @@ def report_markdown(report: Report) -> str:
             parts += [f"![{path.stem.replace('_', ' ')}]({path.relative_to(report.out).as_posix()})", ""]
         if not any(p.stem == "qualitative" for p in report.figures.get(protocol, [])):
             parts += ["No qualitative figure: these runs logged no `slices/*.npz`.", ""]
+    if tables["recurring"]:
+        parts += ["## Recurring stream", "",
+                  "The recurring setting: the target sites' stream repeated round after round without a reset. Dice "
+                  "recovery per round (mean over sites and seeds) and its least-squares slope per round: below 0, "
+                  "the model degrades the longer it adapts (long-horizon collapse).", "",
+                  markdown_table(*recurring_table(tables["recurring"])), ""]
     parts += ["## Collapsed cases", ""]
     if tables["collapses"]:
         parts += [f"{len(tables['collapses'])} collapsed case(s), worst Dice drop first:", "",

@@ -171,6 +171,20 @@ def cost(cells: list[Cell]) -> list[dict[str, Any]]:
     return rows
 
 
+def recurring(cells: list[Cell]) -> list[dict[str, Any]]:
+    """Per method variant and protocol of the recurring setting, means over seeds: the recovery of each round of the
+    stream (`round_<k>`) and its slope per round (negative: the model degrades as the stream recurs)."""
+    rows = []
+    for (protocol, _), of_method in group((c for c in cells if c.setting == "recurring"),
+                                          lambda c: (c.protocol, c.label)).items():
+        curves = [stats.recovery_per_round([s.rows for s in c.sites], c.metrics.get("dice_in_domain", math.nan))
+                  for c in of_method]
+        curve = [mean(values) for values in zip(*curves, strict=True)]  # `rounds` is a param: one per variant
+        rows.append({**_method(of_method[0]), "protocol": protocol, "seeds": len(of_method), "rounds": len(curve),
+                     **{f"round_{k}": v for k, v in enumerate(curve, start=1)}, "slope": stats.slope(curve)})
+    return rows
+
+
 def _case_mean(cell: Cell, key: str) -> float:
     return mean([stats.as_float(r.get(key)) for s in cell.sites for r in s.rows])
 
