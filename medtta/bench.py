@@ -6,6 +6,7 @@ process, in N local processes, or as Ray tasks."""
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 import os
 import statistics
@@ -47,14 +48,18 @@ class Cell:
     protocol: Protocol
     seed: int
     setting: str
+    config: tuple[tuple[str, Any], ...] = ()  # the swept hyper-parameters (and `steps`) of this cell, sorted
 
     @property
     def name(self) -> str:
-        return run_name(self.method, self.protocol.name, self.seed, self.setting)
+        """The run's name, naming the swept values that are not the method's defaults."""
+        cls, swept = ADAPTERS.get(self.method), dict(self.config)
+        steps = swept.pop("steps", cls.default_steps)
+        return run_name(self.method, self.protocol.name, self.seed, self.setting, cls.config_tag(swept, steps))
 
     @property
-    def key(self) -> tuple[str, str, int, str]:
-        return self.method, self.protocol.name, self.seed, self.setting
+    def key(self) -> tuple:
+        return self.method, self.protocol.name, self.seed, self.setting, self.config
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class BenchConfig:
     seeds: tuple[int, ...] = (0,)
     settings: tuple[str, ...] = ("episodic",)
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sweeps: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)  # method -> key -> values tried
     run: RunConfig = field(default_factory=lambda: RunConfig(method="source"))  # steps, batch size, device, stores
     workers: int = 1
     executor: str = "local"
@@ -148,15 +154,42 @@ def method_params(grouped: dict[str, dict[str, Any]], methods: tuple[str, ...]) 
             for m in methods}
 
 
+def sweep_spaces(requested: dict[str, dict[str, tuple[Any, ...]]], methods: tuple[str, ...]
+                 ) -> dict[str, dict[str, tuple[Any, ...]]]:
+    """`--sweep` (METHOD or `all` -> KEY -> values; no keys: the method's declared search space) checked against the
+    grid's methods and their hyper-parameters, as method -> key -> values."""
+    spaces: dict[str, dict[str, tuple[Any, ...]]] = {}
+    for name, keys in requested.items():
+        if name != "all" and name not in methods:
+            raise MedttaError(f"--sweep {name}: not a method of this grid ({', '.join(methods)})")
+        for method in methods if name == "all" else (name,):
+            cls = ADAPTERS.get(method)
+            for key in keys:
+                if key != "steps" and key not in cls.defaults:
+                    raise MedttaError(f"--sweep {method}.{key}: {method} has no hyper-parameter '{key}' (it has: "
+                                      f"{', '.join([*cls.defaults, 'steps'])})")
+            spaces[method] = {**spaces.get(method, {}), **(keys or cls.sweep_space())}
+    return spaces
+
+
+def configurations(space: dict[str, tuple[Any, ...]]) -> list[tuple[tuple[str, Any], ...]]:
+    """Every combination of a method's swept values (keys sorted); one empty configuration without a sweep."""
+    keys = sorted(space)
+    return [tuple(zip(keys, values, strict=True)) for values in itertools.product(*(space[k] for k in keys))]
+
+
 def grid(config: BenchConfig) -> list[Cell]:
     """Every cell, protocol by protocol (cells of one source model run together)."""
-    return [Cell(m, p, seed, setting) for p in config.protocols for seed in config.seeds
-            for setting in config.settings for m in config.methods]
+    return [Cell(m, p, seed, setting, swept) for p in config.protocols for seed in config.seeds
+            for setting in config.settings for m in config.methods
+            for swept in configurations(config.sweeps.get(m, {}))]
 
 
 def engine_of(cell: Cell, config: BenchConfig) -> Engine:
-    run = replace(config.run, method=cell.method, setting=cell.setting, seed=cell.seed,
-                  hparams=config.hparams.get(cell.method, {}), progress=False)
+    swept = dict(cell.config)
+    steps = swept.pop("steps", config.run.steps)
+    run = replace(config.run, method=cell.method, setting=cell.setting, seed=cell.seed, steps=steps,
+                  hparams={**config.hparams.get(cell.method, {}), **swept}, progress=False)
     return Engine(cell.protocol, run)
 
 
@@ -357,18 +390,18 @@ def _source_of(engine: Engine) -> tuple:
 
 
 def summary_table(result: BenchResult, metric: str = "dice_recovery", title: str = "recovery") -> str:
-    """Dice recovery (or another parent-run `metric`, named `title`) per method (rows) and protocol (columns, with
-    the setting when both ran): the mean over seeds of each cell's mean over target sites, ± their std with several
-    seeds; `failed` where a cell failed."""
+    """Dice recovery (or another parent-run `metric`, named `title`) per method and swept configuration (rows) and
+    protocol (columns, with the setting when several ran): the mean over seeds of each cell's mean over target
+    sites, ± their std with several seeds; `failed` where a cell failed."""
     columns = list(dict.fromkeys((o.cell.protocol.name, o.cell.setting) for o in result.outcomes))
     both = len({setting for _, setting in columns}) > 1
-    methods = list(dict.fromkeys(o.cell.method for o in result.outcomes))
+    methods = list(dict.fromkeys((o.cell.method, o.cell.config) for o in result.outcomes))
     rows = []
-    for method in methods:
-        row = [method]
+    for method, swept in methods:
+        row = [method + (" [" + ",".join(f"{k}={v}" for k, v in swept) + "]" if swept else "")]
         for protocol, setting in columns:
-            mine = [o for o in result.outcomes if (o.cell.method, o.cell.protocol.name, o.cell.setting)
-                    == (method, protocol, setting)]
+            mine = [o for o in result.outcomes if (o.cell.method, o.cell.config, o.cell.protocol.name, o.cell.setting)
+                    == (method, swept, protocol, setting)]
             values = [o.metrics.get(metric, math.nan) for o in mine if o.status in ("finished", "skipped")]
             failed = sum(o.status == "failed" for o in mine)
             row.append(_mean_std(values) + (f" ({failed} failed)" if failed else ""))

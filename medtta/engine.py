@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from medtta.adapters.base import Adapter
+from medtta.adapters.sar import pixel_entropy
 from medtta.data.cache import PreparedVolume, VolumeCache, digest, save_atomic, validated_checksums
 from medtta.data.datasets import Dataset, open_dataset
 from medtta.data.layout import Case, load_volume
@@ -273,9 +274,10 @@ class CaseLog:
 QUALITATIVE_CASES = 4
 
 
-def run_name(method: str, protocol: str, seed: int, setting: str) -> str:
-    """How a parent run reads in the MLflow runs table, e.g. `tent · synth-mri · seed 0`."""
-    return " · ".join([method, protocol, f"seed {seed}", *([setting] if setting != "episodic" else [])])
+def run_name(method: str, protocol: str, seed: int, setting: str, config: str = "default") -> str:
+    """How a parent run reads in the MLflow runs table, e.g. `tent · synth-mri · seed 0 · lr=0.01`."""
+    return " · ".join([method, protocol, f"seed {seed}", *([setting] if setting != "episodic" else []),
+                       *([config] if config != "default" else [])])
 
 
 class Engine:
@@ -328,12 +330,16 @@ class Engine:
                 del params[key]
         return digest([params, dataclasses.asdict(dataclasses.replace(self.protocol, source=""))])
 
+    def config_tag(self) -> str:
+        return self.adapter_cls.config_tag(self.config.hparams, self.steps)
+
     def tags(self) -> dict[str, Any]:
         p = self.protocol
         return {"medtta.method": self.config.method, "medtta.architecture": self.architecture_name,
                 "medtta.paradigm": self.adapter_cls.paradigm, "medtta.protocol": p.name, "medtta.modality": p.modality,
                 "medtta.setting": self.setting, "medtta.seed": self.config.seed, "medtta.site": p.source_site,
-                "medtta.cell": self.cell(), "medtta.host": socket.gethostname(), "medtta.pid": os.getpid()}
+                "medtta.cell": self.cell(), "medtta.config": self.config_tag(), "medtta.host": socket.gethostname(),
+                "medtta.pid": os.getpid()}
 
     def source(self, dataset: Dataset, volumes: VolumeCache) -> tuple[torch.nn.Module, dict[str, Any],
                                                                         SourcePredictions]:
@@ -356,7 +362,8 @@ class Engine:
         source_tests = dataset.cases_of(p.source_site, "test")
         params = {**self.params(), "in_domain_cases": len(source_tests)}
         reset_peak_memory(self.device)
-        with tracker.run(run_name(c.method, p.name, c.seed, self.setting), tags, params) as run_id:
+        name = run_name(c.method, p.name, c.seed, self.setting, self.config_tag())
+        with tracker.run(name, tags, params) as run_id:
             model, record, unadapted = self.source(dataset, volumes)
             tracker.log_metrics({"source_val_dice": record["val_dice"], "source_train_seconds": record["train_seconds"],
                                  **{f"source_{name}_val_loss": stage["val_loss"]
@@ -462,7 +469,7 @@ class Engine:
                **volume_metrics(pred, reference, p.scored_labels, prepared.volume.spacing),
                "foreground_source": foreground_voxels(source.pred, p.scored_labels),
                "foreground": foreground_voxels(pred, p.scored_labels), "seconds": seconds,
-               "seconds_source": source.seconds}
+               "seconds_source": source.seconds, **label_free(logits, pred, source.pred)}
         reason = collapse_reason(pred, reference, p.scored_labels, source.pred)
         row.update(collapsed=bool(reason), collapse=reason)
         index = most_foreground_slice(reference, p.preprocessing.slice_axis)
@@ -482,6 +489,13 @@ class Engine:
             np.savez_compressed(path, image=take_slice(image, int(arrays["index"]), axis).astype(np.float32),
                                 **{k: v.astype(np.int16) for k, v in arrays.items() if k != "index"})
             tracker.log_artifact(path, "slices")
+
+
+def label_free(logits: torch.Tensor, pred: torch.Tensor, source_pred: torch.Tensor) -> dict[str, float]:
+    """What a hospital can compute without labels, to choose a configuration (`medtta report --select`): the mean
+    softmax entropy per pixel of the adapted logits, and the fraction of voxels whose label the adaptation kept."""
+    return {"entropy": float(pixel_entropy(logits.float()).mean()),
+            "agreement": float((pred == source_pred).float().mean())}
 
 
 def site_summary(rows: list[dict[str, Any]], role: str, in_domain: float) -> dict[str, float]:

@@ -259,3 +259,28 @@ def test_ui_without_a_store_or_with_a_busy_port(results: Path, tmp_path: Path) -
         port = busy.getsockname()[1]
         result = CliRunner().invoke(main, ["ui", "--results", str(results), "--port", str(port)])
     assert result.exit_code == 2 and f"--port {port}: 127.0.0.1:{port} is already in use" in result.output
+
+
+def test_a_sweep_runs_every_configuration_as_a_cell_of_its_own(dataset: Path, results: Path) -> None:
+    sweep = ("--sweep", "tent.lr=1e-4,1e-2", "--sweep", "tent.steps=1,2", "--sweep", "bn-stats")
+    code, out = bench(dataset, results, "--methods", "tent,bn-stats", *sweep)
+    assert code == 0, out
+    assert "7 cell(s): 7 run" in out and "tent [lr=0.01,steps=2]" in out
+    runs = {r.data.tags["medtta.config"]: r for r in parents(results)}
+    assert sorted(runs) == ["default", "lr=0.0001", "lr=0.0001,steps=2", "lr=0.01", "lr=0.01,steps=2",
+                            "source_weight=0.5", "source_weight=0.9"]  # bn-stats' declared space holds its default
+    hot = runs["lr=0.01,steps=2"]
+    assert (hot.data.params["hp.lr"], hot.data.params["steps"]) == ("0.01", "2")
+    assert hot.info.run_name == "tent · synth-mri · seed 0 · lr=0.01,steps=2"
+    code, out = bench(dataset, results, "--methods", "tent,bn-stats", *sweep)
+    assert code == 0 and "7 cell(s): 0 run, 7 already finished" in out
+
+
+@pytest.mark.parametrize(("sweep", "message"), [
+    ("tent.momentum=1,2", "--sweep tent.momentum: tent has no hyper-parameter 'momentum' (it has: lr, steps)"),
+    ("sar", "--sweep sar: not a method of this grid (tent)"),
+    ("tent.lr", "Invalid value for '--sweep': 'tent.lr' is not METHOD.KEY=V1,V2,..., METHOD or all"),
+])
+def test_a_bad_sweep_names_what_is_wrong(dataset: Path, results: Path, sweep: str, message: str) -> None:
+    code, out = bench(dataset, results, "--methods", "tent", "--sweep", sweep)
+    assert code == 2 and message in out, out

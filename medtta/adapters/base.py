@@ -46,6 +46,28 @@ class Adapter(nn.Module):
     default_steps: ClassVar[int] = 0
     logits_in_objective: ClassVar[bool] = True
     statistics: ClassVar[str] = ""  # the name of the source statistics the method needs ("" for none)
+    #: what `medtta bench --sweep METHOD` tries: values per hyper-parameter, each holding the paper default; None:
+    #: the learning rate and a decade either side (a method without one has nothing to sweep)
+    search_space: ClassVar[dict[str, tuple[Any, ...]] | None] = None
+    #: the label-free selection criterion that is also the method's own loss (`medtta report --select` flags it)
+    own_criterion: ClassVar[str] = ""
+
+    @classmethod
+    def sweep_space(cls) -> dict[str, tuple[Any, ...]]:
+        """The declared `search_space`, or the learning rate ×0.1, ×1, ×10."""
+        if cls.search_space is not None:
+            return cls.search_space
+        lr = cls.defaults.get("lr")
+        return {"lr": tuple(float(f"{lr * f:.6g}") for f in (0.1, 1, 10))} if lr else {}  # 7.5e-05, not ...01e-05
+
+    @classmethod
+    def config_tag(cls, hparams: dict[str, Any], steps: Any) -> str:
+        """`medtta.config`: the hyper-parameters and steps that differ from the defaults, as `k=v,...` sorted
+        (`default` when none do). Values compare as text, so that logged params (strings) give the same tag."""
+        changed = {k: v for k, v in hparams.items() if str(v) != str(cls.defaults.get(k))}
+        if str(steps) != str(cls.default_steps):
+            changed["steps"] = steps
+        return ",".join(f"{k}={v}" for k, v in sorted(changed.items())) or "default"
 
     def __init__(self, model: nn.Module, *, source_stats: dict[str, torch.Tensor] | None = None,
                  **hparams: Any) -> None:

@@ -19,6 +19,7 @@ class BNStats(Adapter):
 
     paradigm: ClassVar[str] = "feature"
     defaults: ClassVar[dict[str, Any]] = {"source_weight": 0.0}
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"source_weight": (0.0, 0.5, 0.9)}
 
     def configure(self, model: nn.Module) -> None:
         super().configure(model)

@@ -79,6 +79,7 @@ class EATA(Adapter):
     """
 
     paradigm: ClassVar[str] = "output"
+    own_criterion: ClassVar[str] = "entropy"  # its loss: selecting by entropy selects by its own objective
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "margin": 0.4, "d_margin": 0.05, "fisher_alpha": 2000.0}
     default_steps: ClassVar[int] = 1
     statistics: ClassVar[str] = "eata-fisher"

@@ -19,6 +19,7 @@ class Tent(Adapter):
     """
 
     paradigm: ClassVar[str] = "output"
+    own_criterion: ClassVar[str] = "entropy"  # its loss: selecting by entropy selects by its own objective
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3}
     default_steps: ClassVar[int] = 1
 

@@ -6,7 +6,14 @@ import sys
 
 import click
 
-from medtta.cli.options import SETTING_HELP, engine_options, parse_method_params, parse_params, quiet_mlflow
+from medtta.cli.options import (
+    SETTING_HELP,
+    engine_options,
+    parse_method_params,
+    parse_params,
+    parse_sweeps,
+    quiet_mlflow,
+)
 
 
 def _grouped_params(values: tuple[str, ...]) -> dict[str, dict]:
@@ -30,14 +37,20 @@ def _grouped_params(values: tuple[str, ...]) -> dict[str, dict]:
 @click.option("--param", "-p", "params", multiple=True, metavar="[METHOD.]KEY=VALUE",
               help="Hyper-parameter of one method (-p tent.lr=1e-4) or of every method that has it (-p lr=1e-4); "
                    "repeatable.")
+@click.option("--sweep", "sweeps", multiple=True, metavar="METHOD.KEY=V1,V2,... | METHOD | all",
+              help="Hyper-parameters (or steps) to sweep: every combination of a method's values is its own cell "
+                   "(tag medtta.config). METHOD sweeps its declared search space (the learning rate ×0.1, ×1, ×10 "
+                   "unless it declares another, see `medtta list adapters`), all every method's; repeatable. "
+                   "Choose among the configurations with `medtta report --select`.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Cells run at once, each in its own process with the CPU threads split between them.")
 @click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="local: processes on this machine; ray: Ray tasks on the running cluster (or a local one), "
                    "GPU cells asking for a GPU. Needs pip install 'medtta[ray]'.")
 @engine_options
-def bench(methods, datasets, seeds, setting, source_site, params, workers, executor, steps, batch_size, arch_params,
-          epochs, source_site_check, device, precision, rounds, site_order, results, tracking_uri, quiet) -> None:
+def bench(methods, datasets, seeds, setting, source_site, params, sweeps, workers, executor, steps, batch_size,
+          arch_params, epochs, source_site_check, device, precision, rounds, site_order, results, tracking_uri,
+          quiet) -> None:
     """Run every method on every protocol and seed (a grid of cells), as `medtta run` would, and summarize.
 
     Datasets are checked and source models trained (with their unadapted predictions) once, before any cell
@@ -52,6 +65,7 @@ def bench(methods, datasets, seeds, setting, source_site, params, workers, execu
         select_protocols,
         select_settings,
         summary_table,
+        sweep_spaces,
     )
     from medtta.bench import bench as run_bench
     from medtta.engine import RunConfig
@@ -70,7 +84,8 @@ def bench(methods, datasets, seeds, setting, source_site, params, workers, execu
                     rounds=rounds, site_order=site_order)
     config = BenchConfig(methods=chosen, protocols=select_protocols(datasets, source_site), seeds=seed_list,
                          settings=select_settings(setting),
-                         hparams=method_params(_grouped_params(params), chosen), run=run, workers=workers,
+                         hparams=method_params(_grouped_params(params), chosen),
+                         sweeps=sweep_spaces(parse_sweeps(sweeps), chosen), run=run, workers=workers,
                          executor=executor)
     result = run_bench(config, progress=not quiet, echo=click.echo)
     click.echo("\n" + summary_table(result))

@@ -36,6 +36,21 @@ def parse_method_params(values: tuple[str, ...]) -> dict[str, dict]:
     return grouped
 
 
+def parse_sweeps(values: tuple[str, ...]) -> dict[str, dict[str, tuple]]:
+    """`--sweep METHOD.KEY=V1,V2,...` as {METHOD: {KEY: values}} (each value read as YAML); `--sweep METHOD` and
+    `--sweep all` as {NAME: {}}: the method's declared search space, every method's."""
+    sweeps: dict[str, dict[str, tuple]] = {}
+    for item in values:
+        name, eq, raw = item.partition("=")
+        method, dot, key = name.partition(".")
+        if bool(eq) != bool(dot) or (eq and not (method and key and raw)) or not method:
+            raise click.BadParameter(f"'{item}' is not METHOD.KEY=V1,V2,..., METHOD or all", param_hint="--sweep")
+        keys = sweeps.setdefault(method, {})
+        if eq:
+            keys[key] = tuple(parse_params((f"{key}={v}",), "--sweep")[key] for v in raw.split(","))
+    return sweeps
+
+
 def quiet_mlflow() -> None:
     """MLflow's and alembic's INFO lines (store migrations) would bury our output; MLflow sets its level on
     import, so call this after importing it."""

@@ -25,10 +25,17 @@ from medtta.cli.options import quiet_mlflow
               help="Bootstrap resamples per confidence interval.")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seed of the bootstrap: the same seed gives the same intervals.")
+@click.option("--select", "strategies", default="default,loso,entropy,agreement,oracle", show_default=True,
+              metavar="STRATEGY[,STRATEGY...]",
+              help="How to choose among the configurations of a sweep (`medtta bench --sweep`), per target site: "
+                   "default (the paper's values), loso (best on the other target sites), val-site:SITE (best on "
+                   "SITE, then left out), entropy (lowest prediction entropy, no collapsed case), agreement (with "
+                   "the unadapted prediction), oracle (best on the site's own labels: an upper bound). Reported "
+                   "with regret against the oracle and ranking agreement (Kendall's τ).")
 @click.option("--log-figures/--no-log-figures", default=True, show_default=True,
               help="Also log the figures as artifacts (report/<figure>.png) of the parent runs they summarize; "
                    "their status and end time are left as they were.")
-def report(results, tracking_uri, experiments, out, resamples, seed, log_figures) -> None:
+def report(results, tracking_uri, experiments, out, resamples, seed, strategies, log_figures) -> None:
     """Compare methods from the finished runs of `medtta run` / `medtta bench`, with confidence intervals.
 
     Reads MLflow only (nothing is re-run) and writes OUT/report.md with: Dice recovery per modality (the headline),
@@ -52,7 +59,8 @@ def report(results, tracking_uri, experiments, out, resamples, seed, log_figures
     root = results_root(results)
     uri = resolve_uri(tracking_uri, root)
     written = write_report(uri, out or root / "report", experiments, Bootstrap(resamples, seed),
-                           log_figures=log_figures, echo=click.echo)
+                           log_figures=log_figures, echo=click.echo,
+                           strategies=[s.strip() for s in strategies.split(",") if s.strip()])
     click.echo("\nDice recovery per modality (95 % CI over cases, ±std over seeds):")
     click.echo(format_table(*headline_table(written.tables["recovery_by_modality"])))
     click.echo(f"\nReport: {written.markdown}")

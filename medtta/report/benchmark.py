@@ -16,13 +16,15 @@ import numpy as np
 import medtta
 from medtta.metrics import COLLAPSE_FRACTION
 from medtta.report import figures
+from medtta.report import selection as sel
 from medtta.report import tables as t
 from medtta.report.store import Cell, Store, read_store
 from medtta.report.text import markdown_table, write_csv
 from medtta.stats import PARADIGMS, Estimate
 
 CSVS = ("recovery_by_modality", "dice_by_site", "by_paradigm", "cost", "collapses")
-CHECK_CSVS = ("source_site", "recurring")  # written only when some run made the source-site check, or recurred
+# written only when they have rows: some run made the source-site check, recurred, or a sweep ran configurations
+CHECK_CSVS = ("source_site", "recurring", "selection", "selection_rankings", "selection_criteria")
 FIGURES = ("recovery_heatmap", "dice_per_site", "cost_vs_recovery", "qualitative")
 ARTIFACT_DIR = "report"  # figures land in each parent run as report/<figure>.png
 
@@ -43,12 +45,16 @@ class Report:
         return self.out / "report.md"
 
 
-def compute_tables(cells: list[Cell], boot: t.Bootstrap = t.DEFAULT) -> dict[str, list[dict[str, Any]]]:
-    """Every table of the report, by CSV name (see `medtta.report.tables`)."""
+def compute_tables(cells: list[Cell], boot: t.Bootstrap = t.DEFAULT, strategies: Sequence[str] = sel.STRATEGIES
+                   ) -> dict[str, list[dict[str, Any]]]:
+    """Every table of the report, by CSV name (see `medtta.report.tables` and `medtta.report.selection`)."""
     by_modality = t.recovery_by_modality(cells, boot)
+    selection = sel.selection_rows(cells, strategies, boot)
     return {"recovery_by_modality": by_modality, "dice_by_site": t.dice_by_site(cells, boot),
             "by_paradigm": t.by_paradigm(by_modality), "cost": t.cost(cells), "collapses": t.collapses(cells),
-            "source_site": t.source_site(cells, boot), "recurring": t.recurring(cells)}
+            "source_site": t.source_site(cells, boot), "recurring": t.recurring(cells), "selection": selection,
+            "selection_rankings": sel.ranking_agreement(selection), "selection_criteria":
+                sel.criterion_correlation(cells) if selection else []}
 
 
 def csv_names(tables: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -57,7 +63,8 @@ def csv_names(tables: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def write_report(uri: str, out: Path, patterns: Sequence[str] = ("medtta/*",), boot: t.Bootstrap = t.DEFAULT,
-                 log_figures: bool = True, echo: Callable[[str], None] = lambda _: None) -> Report:
+                 log_figures: bool = True, echo: Callable[[str], None] = lambda _: None,
+                 strategies: Sequence[str] = sel.STRATEGIES) -> Report:
     """Read the store at `uri` (the experiments matching `patterns`), write `out/report.md`, the CSVs and the figures
     (`out/<protocol>/*.png`), and log each protocol's figures into its parent runs (without touching their status).
 
@@ -66,7 +73,7 @@ def write_report(uri: str, out: Path, patterns: Sequence[str] = ("medtta/*",), b
     """
     store = read_store(uri, patterns, echo)
     echo(f"Statistics: {len(store.cells)} cell(s), {boot.resamples} bootstrap resamples (seed {boot.seed})")
-    report = Report(out, store, boot, compute_tables(store.cells, boot))
+    report = Report(out, store, boot, compute_tables(store.cells, boot, sel.check_strategies(strategies)))
     out.mkdir(parents=True, exist_ok=True)
     for name in csv_names(report.tables):
         write_csv(out / f"{name}.csv", report.tables[name], None if report.tables[name] else [_EMPTY[name]])
@@ -96,6 +103,10 @@ def protocol_figures(report: Report, protocol: str, cells: list[Cell]) -> list[P
     points = [{**r, **{k: v for k, v in recovery[r["method"]].items() if k.startswith("dice_recovery")}}
               for r in report.tables["cost"] if r["protocol"] == protocol]
     paths.append(figures.cost_vs_recovery(points, f"Cost against recovery, {title}", folder / "cost_vs_recovery.png"))
+    sensitivity = sel.lr_sensitivity(cells)
+    if sensitivity:
+        paths.append(figures.lr_sensitivity(sensitivity, f"Recovery against learning rate, {title}",
+                                            folder / "lr_sensitivity.png"))
     changes = t.case_changes(cells)
     chosen = figures.pick_cases([c for c in changes if c["cell"].paradigm != "none"] or changes)  # source: no change
     if chosen:
@@ -196,6 +207,14 @@ def recurring_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[st
                     for r in rows]
 
 
+def selection_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "protocol", "strategy", "sites", "recovery [95 % CI]", "regret vs oracle", "picks"]
+    return header, [[r["method"], r["protocol"] + ("" if r["setting"] == "episodic" else f" ({r['setting']})"),
+                     r["strategy"] + (" (uses test labels)" if r["uses_test_labels"] else "")
+                     + (" (the method's own loss)" if r["own_loss"] else ""), str(r["sites"]),
+                     _ci(r, "dice_recovery"), _num(r["regret"]), r["picks"]] for r in rows]
+
+
 def collapse_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "protocol", "site", "seed", "case", "Dice unadapted → adapted", "foreground / unadapted",
               "reason"]
@@ -252,6 +271,26 @@ def report_markdown(report: Report) -> str:
             parts += [f"![{path.stem.replace('_', ' ')}]({path.relative_to(report.out).as_posix()})", ""]
         if not any(p.stem == "qualitative" for p in report.figures.get(protocol, [])):
             parts += ["No qualitative figure: these runs logged no `slices/*.npz`.", ""]
+    if tables["selection"]:
+        parts += ["## Choosing a configuration", "",
+                  "Methods that ran several configurations (`medtta bench --sweep`), each strategy picking one per "
+                  "target site from what it may see: `default` the paper's values; `loso` the best mean recovery on "
+                  "the protocol's other target sites; `val-site:SITE` the best on SITE, which is then not scored; "
+                  "`entropy` the lowest mean prediction entropy on the site among configurations that collapsed "
+                  "none of its cases; `agreement` the highest agreement with the unadapted prediction; `oracle` the "
+                  "best on the site's own test labels, an upper bound and not a result. Regret: the oracle's "
+                  "recovery minus the strategy's, on the same sites.", "",
+                  markdown_table(*selection_table(tables["selection"])), "",
+                  "Kendall's τ between the methods' ranking by each strategy and by the oracle (per protocol and "
+                  "setting):", "",
+                  markdown_table(["protocol", "setting", "strategy", "methods", "Kendall τ"],
+                                 [[r["protocol"], r["setting"], r["strategy"], str(r["methods"]),
+                                   _num(r["kendall_tau"])] for r in tables["selection_rankings"]]), "",
+                  "How well each label-free criterion ranks a method's configurations on a site by true recovery "
+                  "(Kendall's τ, entropy negated, mean over methods and sites):", "",
+                  markdown_table(["protocol", "criterion", "method × site pairs", "Kendall τ"],
+                                 [[r["protocol"], r["criterion"], str(r["method_sites"]), _num(r["kendall_tau"])]
+                                  for r in tables["selection_criteria"]]), ""]
     if tables["recurring"]:
         parts += ["## Recurring stream", "",
                   "The recurring setting: the target sites' stream repeated round after round without a reset. Dice "

@@ -142,3 +142,22 @@ def case_caption(case: dict[str, Any]) -> str:
     if case["collapsed"]:
         caption += "\ncollapsed" + (f": {row['collapse']}" if row.get("collapse") else "")
     return caption
+
+
+def lr_sensitivity(points: list[dict[str, Any]], title: str, path: Path) -> Path:
+    """Recovery against the learning rate (log scale), one line per method through its configurations' mean
+    recovery at each rate (several configurations at one rate: other swept values)."""
+    fig = _figure(5.5, 3.8)
+    ax = fig.add_subplot()
+    for method in dict.fromkeys(p["method"] for p in points):
+        mine = [p for p in points if p["method"] == method]
+        rates = sorted({p["lr"] for p in mine})
+        curve = [float(np.nanmean([p["dice_recovery"] for p in mine if p["lr"] == r])) for r in rates]
+        ax.plot(rates, curve, marker="o", label=method)
+    ax.set_xscale("log")
+    ax.axhline(0, color="0.5", linewidth=0.8)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("Dice recovery (mean over target sites)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

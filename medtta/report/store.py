@@ -61,6 +61,7 @@ class Cell:
     start_time: int
     sites: list[SiteRun]  # the target sites: what every recovery and site aggregate is over
     label: str = ""  # the method as the report names it (see `label_variants`)
+    config: str = "default"  # `medtta.config`: the hyper-parameters and steps that differ from the method's defaults
     source_site: SiteRun | None = None  # the source-site check, when the run made it
 
     @property
@@ -187,7 +188,20 @@ def _cell(client: Any, run: Any, experiment: str, children: list, tmp: Path) -> 
                 paradigm=tags.get("medtta.paradigm", "none"), architecture=tags.get("medtta.architecture", "?"),
                 setting=tags.get("medtta.setting", "?"), seed=int(tags.get("medtta.seed", 0)),
                 params=dict(run.data.params), metrics=dict(run.data.metrics), start_time=info.start_time or 0,
-                sites=[s for s in sites if s.role != SOURCE_ROLE], source_site=source[-1] if source else None)
+                sites=[s for s in sites if s.role != SOURCE_ROLE], source_site=source[-1] if source else None,
+                config=tags.get("medtta.config") or _config_of(tags["medtta.method"], dict(run.data.params)))
+
+
+def _config_of(method: str, params: dict[str, str]) -> str:
+    """`medtta.config` of a run logged before the tag existed, from its params."""
+    from medtta.registry import ADAPTERS
+
+    try:
+        cls = ADAPTERS.get(method)
+    except MedttaError:  # a plugin no longer installed
+        return "?"
+    hparams = {k.removeprefix("hp."): v for k, v in params.items() if k.startswith("hp.")}
+    return cls.config_tag(hparams, params.get("steps", cls.default_steps))
 
 
 def _site_run(client: Any, run: Any, tmp: Path) -> SiteRun:

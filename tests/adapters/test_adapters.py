@@ -295,3 +295,12 @@ def test_episodic_updates_then_predicts_and_resets(model: nn.Module, batch: torc
     again = adapt_and_predict(tent, batch, "episodic", steps=2, batch_size=3)
     assert torch.equal(first, again)  # reset per volume: the same volume gives the same answer
     assert torch.equal(adapt_and_predict(tent, batch, "episodic", steps=0, batch_size=3), unadapted)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_search_space_holds_the_paper_default(method: str) -> None:
+    """`medtta bench --sweep METHOD` tries the method's own values first among others, never an unknown key."""
+    cls = ADAPTERS.get(method)
+    for key, values in cls.sweep_space().items():
+        assert key in cls.defaults and cls.defaults[key] in values and len(set(values)) == len(values) > 1
+    assert cls.config_tag(dict(cls.defaults), cls.default_steps) == "default"
