@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import socket
@@ -274,13 +275,33 @@ def test_a_sweep_runs_every_configuration_as_a_cell_of_its_own(dataset: Path, re
     assert hot.info.run_name == "tent · synth-mri · seed 0 · lr=0.01,steps=2"
     code, out = bench(dataset, results, "--methods", "tent,bn-stats", *sweep)
     assert code == 0 and "7 cell(s): 0 run, 7 already finished" in out
+    assert {"entropy", "agreement"} <= set(_case_rows(results, runs["default"]))  # label-free, logged per case
+    report = results / "report"
+    done = CliRunner().invoke(main, ["report", "--results", str(results), "--out", str(report), "--no-log-figures",
+                                     "--select", "default,loso,val-site:B,entropy,oracle"])
+    assert done.exit_code == 0, done.output
+    with (report / "selection.csv").open(encoding="utf-8") as fh:
+        rows = {(r["method"], r["strategy"]): r for r in csv.DictReader(fh)}
+    strategies = ("default", "loso", "val-site:B", "entropy", "oracle")
+    # tent's sweep left its default lr out: no `default` pick for it
+    assert set(rows) == {(m, s) for m in ("tent", "bn-stats") for s in strategies} - {("tent", "default")}
+    assert rows["tent", "val-site:B"]["picks"].startswith("C: ") and float(rows["tent", "oracle"]["regret"]) == 0
+    assert rows["tent", "entropy"]["own_loss"] == "True" and rows["bn-stats", "entropy"]["own_loss"] == "False"
+    assert "## Choosing a configuration" in (report / "report.md").read_text()
+    assert (report / "synth-mri" / "lr_sensitivity.png").is_file()
 
 
 @pytest.mark.parametrize(("sweep", "message"), [
     ("tent.momentum=1,2", "--sweep tent.momentum: tent has no hyper-parameter 'momentum' (it has: lr, steps)"),
     ("sar", "--sweep sar: not a method of this grid (tent)"),
-    ("tent.lr", "Invalid value for '--sweep': 'tent.lr' is not METHOD.KEY=V1,V2,..., METHOD or all"),
+    ("tent.lr", "Invalid value for --sweep: 'tent.lr' is not METHOD.KEY=V1,V2,..., METHOD or all"),
 ])
 def test_a_bad_sweep_names_what_is_wrong(dataset: Path, results: Path, sweep: str, message: str) -> None:
     code, out = bench(dataset, results, "--methods", "tent", "--sweep", sweep)
     assert code == 2 and message in out, out
+
+
+def _case_rows(results: Path, parent) -> list[str]:
+    """The columns of a parent run's first target site's case table."""
+    with next((results / "runs" / "synth-mri" / parent.info.run_id).glob("cases-*.csv")).open(encoding="utf-8") as fh:
+        return next(csv.reader(fh))
