@@ -262,7 +262,8 @@ def test_ui_without_a_store_or_with_a_busy_port(results: Path, tmp_path: Path) -
     assert result.exit_code == 2 and f"--port {port}: 127.0.0.1:{port} is already in use" in result.output
 
 
-def test_a_sweep_runs_every_configuration_as_a_cell_of_its_own(dataset: Path, results: Path) -> None:
+def test_a_sweep_runs_every_configuration_as_a_cell_of_its_own(dataset: Path, tmp_path: Path) -> None:
+    results = tmp_path / "results"  # none of its cells run before
     sweep = ("--sweep", "tent.lr=1e-4,1e-2", "--sweep", "tent.steps=1,2", "--sweep", "bn-stats")
     code, out = bench(dataset, results, "--methods", "tent,bn-stats", *sweep)
     assert code == 0, out

@@ -129,10 +129,11 @@ def test_a_run_left_running_by_a_dead_process_is_marked_killed(dataset: Path, re
 def test_list_commands() -> None:
     code, out, _ = invoke("list", "adapters")
     lines = out.splitlines()
-    assert code == 0 and lines[0].split() == ["METHOD", "PARADIGM", "ARCHITECTURE", "DESCRIPTION"]
-    rows = {line.split()[0]: line.split()[1:3] for line in lines[1:]}
-    assert rows["tent"] == ["output", "unet"] and rows["norm-net"] == ["input", "unet-normalizer"]
-    assert rows["ttt-rot"] == ["feature", "unet-rotation"] and rows["source"] == ["none", "unet"]
+    assert code == 0 and lines[0].split() == ["METHOD", "PARADIGM", "ARCHITECTURE", "SWEEP", "DESCRIPTION"]
+    rows = {line.split()[0]: line.split()[1:4] for line in lines[1:]}
+    assert rows["tent"] == ["output", "unet", "lr=0.0001,0.001,0.01"] and rows["source"][2] == "-"
+    assert rows["norm-net"][:2] == ["input", "unet-normalizer"]
+    assert rows["ttt-rot"][:2] == ["feature", "unet-rotation"] and rows["source"][:2] == ["none", "unet"]
     assert "Karani et al. 2021: adapt the normalization sub-network" in out
     code, out, _ = invoke("list", "adapters", "*bn*")
     assert out.splitlines()[1].startswith("bn-stats") and len(out.splitlines()) == 2
@@ -353,7 +354,7 @@ def test_a_typo_fails_before_the_heavy_imports(args: list[str]) -> None:
     assert out.split() == ["2", "False", "False", "False"]
 
 
-def _cases(results: Path, parent, site: str) -> list[dict[str, str]]:
+def _site_rows(results: Path, parent, site: str) -> list[dict[str, str]]:
     path = results / "runs" / "synth-mri" / parent.info.run_id / f"cases-{site}.csv"
     with path.open(encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
@@ -369,7 +370,7 @@ def test_per_site_resets_when_the_site_changes(dataset: Path, results: Path) -> 
         targets = [a for s in sites for a in ("--target-site", s)]
         code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", setting, *targets))
         assert code == 0, err
-        dice[setting, sites] = [row["dice"] for row in _cases(results, _last_parent(results), "C")]
+        dice[setting, sites] = [row["dice"] for row in _site_rows(results, _last_parent(results), "C")]
     assert dice["per-site", ("B", "C")] == dice["continual", ("C",)]  # reset before C: as if C came first
     assert dice["continual", ("B", "C")] != dice["continual", ("C",)]  # no reset: C sees the model B adapted
 
@@ -379,7 +380,7 @@ def test_recurring_scores_every_round(dataset: Path, results: Path) -> None:
     assert code == 0, err
     parent = _last_parent(results)
     assert parent.data.params["rounds"] == "3" and parent.info.run_name == "tent · synth-mri · seed 0 · recurring"
-    rows = _cases(results, parent, "B")
+    rows = _site_rows(results, parent, "B")
     cases = len(rows) // 3
     assert [row["round"] for row in rows] == ["1"] * cases + ["2"] * cases + ["3"] * cases
     history = client_for(results).get_metric_history(parent.info.run_id, "dice_recovery_round")
@@ -402,14 +403,14 @@ def test_mixed_and_shuffled_site_orders(dataset: Path, results: Path) -> None:
     assert code == 0, err
     mixed = _last_parent(results)
     assert mixed.data.tags["medtta.setting"] == "mixed" and "site_order" not in mixed.data.params
-    once = {site: len(_cases(results, mixed, site)) for site in ("B", "C")}
+    once = {site: len(_site_rows(results, mixed, site)) for site in ("B", "C")}
     code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", "continual",
                                     "--site-order", "shuffled:2"))
     assert code == 0, err
     shuffled = _last_parent(results)
     assert shuffled.data.params["site_order"] == "shuffled:2"
     for site in ("B", "C"):
-        orders = sorted(row["order"] for row in _cases(results, shuffled, site))
+        orders = sorted(row["order"] for row in _site_rows(results, shuffled, site))
         assert orders == ["1"] * once[site] + ["2"] * once[site]
     code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--site-order", "random"))
     assert code == 2 and "--site-order 'random': expected fixed or shuffled:N" in err
