@@ -288,7 +288,7 @@ def test_a_sweep_runs_every_configuration_as_a_cell_of_its_own(dataset: Path, tm
     assert set(rows) == {(m, s) for m in ("tent", "bn-stats") for s in strategies} - {("tent", "default")}
     assert rows["tent", "val-site:B"]["picks"].startswith("C: ") and float(rows["tent", "oracle"]["regret"]) == 0
     assert rows["tent", "entropy"]["own_loss"] == "True" and rows["bn-stats", "entropy"]["own_loss"] == "False"
-    assert "## Choosing a configuration" in (report / "report.md").read_text()
+    assert "## Choosing a configuration" in (report / "report.md").read_text(encoding="utf-8")
     assert (report / "synth-mri" / "lr_sensitivity.png").is_file()
 
 

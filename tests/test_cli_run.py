@@ -395,7 +395,7 @@ def test_recurring_scores_every_round(dataset: Path, results: Path) -> None:
     with (results / "report" / "recurring.csv").open(encoding="utf-8") as fh:
         [row] = list(csv.DictReader(fh))  # the only recurring run
     assert [float(row[f"round_{k}"]) for k in (1, 2, 3)] == pytest.approx(curve)
-    assert "## Recurring stream" in (results / "report" / "report.md").read_text()
+    assert "## Recurring stream" in (results / "report" / "report.md").read_text(encoding="utf-8")
 
 
 def test_mixed_and_shuffled_site_orders(dataset: Path, results: Path) -> None:
