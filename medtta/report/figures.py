@@ -147,13 +147,15 @@ def case_caption(case: dict[str, Any]) -> str:
 def lr_sensitivity(points: list[dict[str, Any]], title: str, path: Path) -> Path:
     """Recovery against the learning rate (log scale), one line per method through its configurations' mean
     recovery at each rate (several configurations at one rate: other swept values)."""
+    from matplotlib import colormaps
+
     fig = _figure(5.5, 3.8)
     ax = fig.add_subplot()
-    for method in dict.fromkeys(p["method"] for p in points):
+    for k, method in enumerate(dict.fromkeys(p["method"] for p in points)):  # tab20: 17 methods, no repeated colour
         mine = [p for p in points if p["method"] == method]
         rates = sorted({p["lr"] for p in mine})
         curve = [float(np.nanmean([p["dice_recovery"] for p in mine if p["lr"] == r])) for r in rates]
-        ax.plot(rates, curve, marker="o", label=method)
+        ax.plot(rates, curve, marker="os^Dv"[k % 5], color=colormaps["tab20"](k % 20), label=method)
     ax.set_xscale("log")
     ax.axhline(0, color="0.5", linewidth=0.8)
     ax.set_xlabel("learning rate")
