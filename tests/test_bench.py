@@ -235,10 +235,10 @@ def test_ui_view_state_is_written_once_under_a_fixed_key(tmp_path: Path) -> None
     from medtta.cli.ui import VIEW_TAG, _save_view, view_state
 
     state = view_state({"dice", "dice_recovery", "dice_recovery_OCT", "dice_recovery_CT", "dice_source", "hd95",
-                        "source_site_harm"})
+                        "source_site_harm", "dice_recovery_first_round", "dice_recovery_slope"})
     assert state["selectedColumns"] == ["metrics.`dice_recovery`", "metrics.`dice_recovery_CT`",
                                         "metrics.`dice_recovery_OCT`", "metrics.`dice`", "metrics.`dice_source`",
-                                        "metrics.`source_site_harm`"]
+                                        "metrics.`source_site_harm`", "metrics.`dice_recovery_slope`"]
     assert "orderByKey" not in view_state({"dice"})  # nothing to sort by: MLflow's default order
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp_id = client.create_experiment("medtta/synth-x")

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from medtta.cli.options import RESULTS, TRACKING_URI, quiet_mlflow
+from medtta.protocol import MODALITIES
 
 HOST = "127.0.0.1"  # the UI shows every result of the store: never on an outside interface
 STARTUP_SECONDS = 120
@@ -30,7 +31,7 @@ VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_NAME = "medtta: recovery"
 PARENTS_ONLY = "tags.`mlflow.parentRunId` IS NULL"
 LEADING = ("dice_recovery",)
-TRAILING = ("dice", "dice_source", "dice_in_domain", "cost_ratio", "source_site_harm")
+TRAILING = ("dice", "dice_source", "dice_in_domain", "cost_ratio", "source_site_harm", "dice_recovery_slope")
 
 
 def _port_free(port: int) -> bool:
@@ -64,7 +65,7 @@ def view_state(metrics: set[str]) -> dict:
     """The runs-table state: the recovery metrics as columns (dice_recovery, then per modality, then the Dice it is
     computed from and the cost), one row per parent run, ordered by dice_recovery, best first."""
     names = [m for m in LEADING if m in metrics]
-    names += sorted(m for m in metrics if m.startswith("dice_recovery_"))
+    names += sorted(f"dice_recovery_{m}" for m in MODALITIES if f"dice_recovery_{m}" in metrics)
     names += [m for m in TRAILING if m in metrics]
     columns = [f"metrics.`{m}`" for m in names]
     # parent runs only: MLflow nests the per-site child runs under their parent only when sorted by date, so
