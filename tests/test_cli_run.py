@@ -414,3 +414,29 @@ def test_mixed_and_shuffled_site_orders(dataset: Path, results: Path) -> None:
         assert orders == ["1"] * once[site] + ["2"] * once[site]
     code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--site-order", "random"))
     assert code == 2 and "--site-order 'random': expected fixed or shuffled:N" in err
+
+
+def test_a_failing_run_keeps_the_cases_it_evaluated(dataset: Path, results: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from medtta.adapters.tent import Tent
+    from medtta.engine import RunConfig, run
+    from medtta.protocol import resolve_protocol
+
+    adapt, calls = Tent.adapt, []
+
+    def fails_on_the_second_volume(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return adapt(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tent, "adapt", fails_on_the_second_volume)
+    config = RunConfig(method="tent", epochs=2, results=results, progress=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(resolve_protocol(str(dataset), "A"), config)
+    parent = _last_parent(results)
+    assert parent.info.status == "FAILED"
+    [partial] = client_for(results).list_artifacts(parent.info.run_id, "cases-partial")
+    with Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path=partial.path,
+                                                  tracking_uri=uri(results))).open(encoding="utf-8") as fh:
+        assert [row["site"] for row in csv.DictReader(fh)] == ["B"]  # the one volume evaluated before the failure
