@@ -491,11 +491,15 @@ class Engine:
             tracker.log_artifact(path, "slices")
 
 
+def mean_entropy(logits: torch.Tensor) -> float:
+    """Mean softmax entropy per pixel (nats) of a volume's logits."""
+    return float(pixel_entropy(logits.float()).mean())
+
+
 def label_free(logits: torch.Tensor, pred: torch.Tensor, source_pred: torch.Tensor) -> dict[str, float]:
     """What a hospital can compute without labels, to choose a configuration (`medtta report --select`): the mean
     softmax entropy per pixel of the adapted logits, and the fraction of voxels whose label the adaptation kept."""
-    return {"entropy": float(pixel_entropy(logits.float()).mean()),
-            "agreement": float((pred == source_pred).float().mean())}
+    return {"entropy": mean_entropy(logits), "agreement": float((pred == source_pred).float().mean())}
 
 
 def site_summary(rows: list[dict[str, Any]], role: str, in_domain: float) -> dict[str, float]:

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 import yaml
 
+from medtta.streams import DEFAULT_ROUNDS
+
 
 def parse_params(values: tuple[str, ...], option: str = "--param") -> dict:
     """`KEY=VALUE` options as a dict, each value read as YAML (numbers, booleans, lists)."""
@@ -92,7 +94,7 @@ engine_options = _apply([
                  help="Of source training, adaptation and inference: bf16/fp16 run under torch autocast (fp16 with "
                       "a gradient scaler; a model trained in another precision is another cached model); fp32 uses "
                       "TF32 matmuls on CUDA. A run param: another precision is another cell."),
-    click.option("--rounds", default=10, show_default=True, type=click.IntRange(min=1),
+    click.option("--rounds", default=DEFAULT_ROUNDS, show_default=True, type=click.IntRange(min=1),
                  help="Passes over the target sites in the recurring setting (recovery per round and its slope)."),
     click.option("--site-order", default="fixed", show_default=True, metavar="fixed|shuffled:N",
                  help="fixed: the protocol's site order; shuffled:N: the continual and recurring streams run over N "

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from medtta.adapters.sar import pixel_entropy
 from medtta.data.layout import Volume, read_dataset_json
 from medtta.data.preprocess import image_slices, to_native
 from medtta.engine import (
     CaseLog,
     adapt_and_predict,
     create_adapter,
+    mean_entropy,
     predict_unadapted,
     resolve_device,
     seed_everything,
@@ -173,7 +173,7 @@ class SiteEvaluation:
                    "labeled": reference is not None}
             if reference is not None:
                 row.update(volume_metrics(pred, reference, labels, volume.spacing), dice_source=source_dice)
-            row.update(entropy=float(pixel_entropy(logits.float()).mean()),
+            row.update(entropy=mean_entropy(logits),
                        **label_free_indicators(pred, source_pred, labels, volume.spacing), seconds=seconds)
             rows.append(row)
         return rows
