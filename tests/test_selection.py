@@ -74,7 +74,7 @@ def test_no_realistic_strategy_reads_the_labels_of_the_site_it_scores(site: str)
 
 
 def test_selection_rows_regret_and_flags() -> None:
-    rows = {r["strategy"]: r for r in selection_rows(_cells(TRUTH), STRATEGIES, Bootstrap(200, 0))}
+    rows = {r["strategy"]: r for r in selection_rows(families(_cells(TRUTH)), STRATEGIES, Bootstrap(200, 0))}
     assert rows["oracle"]["regret"] == pytest.approx(0.0) and rows["oracle"]["uses_test_labels"]
     assert rows["oracle"]["dice_recovery"] == pytest.approx((0.75 + 0.625 + 1.0) / 3)
     assert rows["default"]["dice_recovery"] == pytest.approx((0.5 + 0.5 + 0.25) / 3)
@@ -86,7 +86,7 @@ def test_selection_rows_regret_and_flags() -> None:
 
 
 def test_criterion_correlation_and_one_configuration_is_no_family() -> None:
-    [entropy, agreement] = criterion_correlation(_cells(TRUTH))
+    [entropy, agreement] = criterion_correlation(families(_cells(TRUTH)))
     assert entropy["criterion"] == "entropy" and entropy["method_sites"] == 3
     # lower entropy, higher Dice on B and D (τ 1), the reverse on C (τ -1); agreement the reverse of that
     assert (entropy["kendall_tau"], agreement["kendall_tau"]) == pytest.approx((1 / 3, -1 / 3))

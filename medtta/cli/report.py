@@ -42,10 +42,12 @@ def report(results, tracking_uri, experiments, out, resamples, seed, strategies,
     the by-paradigm table (MedSeg-TTA's Table 3 layout), cost, and per protocol the Dice and recovery per target site
     with 95 % bootstrap intervals over cases, the spread over seeds and a Wilcoxon signed-rank test against the
     unadapted prediction, and every collapsed case; runs of the recurring setting add their recovery per round and
-    its slope. CSVs hold the numbers (recovery_by_modality, dice_by_site, by_paradigm, cost, collapses, and
-    source_site and recurring when runs made them); PNG figures per protocol: recovery heatmap (method × target
-    site), Dice per site with intervals, cost against recovery, and qualitative cases (image, ground truth,
-    unadapted and adapted prediction) where the runs logged slices.
+    its slope, sweeps the choice of a configuration (--select). CSVs hold the numbers (recovery_by_modality,
+    dice_by_site, by_paradigm, cost, collapses, and source_site, recurring, selection, selection_rankings,
+    selection_criteria and lr_sensitivity when runs made them); PNG figures per protocol: recovery heatmap (method
+    × target site), Dice per site with intervals, cost against recovery, recovery against learning rate after a
+    sweep, and qualitative cases (image, ground truth, unadapted and adapted prediction) where the runs logged
+    slices.
     """
     import mlflow  # noqa: F401  (it sets its log level on import: quieted after it)
 

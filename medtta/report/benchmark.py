@@ -24,7 +24,7 @@ from medtta.stats import PARADIGMS, Estimate
 
 CSVS = ("recovery_by_modality", "dice_by_site", "by_paradigm", "cost", "collapses")
 # written only when they have rows: some run made the source-site check, recurred, or a sweep ran configurations
-CHECK_CSVS = ("source_site", "recurring", "selection", "selection_rankings", "selection_criteria")
+CHECK_CSVS = ("source_site", "recurring", "selection", "selection_rankings", "selection_criteria", "lr_sensitivity")
 FIGURES = ("recovery_heatmap", "dice_per_site", "cost_vs_recovery", "qualitative")
 ARTIFACT_DIR = "report"  # figures land in each parent run as report/<figure>.png
 
@@ -49,12 +49,13 @@ def compute_tables(cells: list[Cell], boot: t.Bootstrap = t.DEFAULT, strategies:
                    ) -> dict[str, list[dict[str, Any]]]:
     """Every table of the report, by CSV name (see `medtta.report.tables` and `medtta.report.selection`)."""
     by_modality = t.recovery_by_modality(cells, boot)
-    selection = sel.selection_rows(cells, strategies, boot)
+    families = sel.families(cells)
+    selection = sel.selection_rows(families, strategies, boot)
     return {"recovery_by_modality": by_modality, "dice_by_site": t.dice_by_site(cells, boot),
             "by_paradigm": t.by_paradigm(by_modality), "cost": t.cost(cells), "collapses": t.collapses(cells),
             "source_site": t.source_site(cells, boot), "recurring": t.recurring(cells), "selection": selection,
-            "selection_rankings": sel.ranking_agreement(selection), "selection_criteria":
-                sel.criterion_correlation(cells) if selection else []}
+            "selection_rankings": sel.ranking_agreement(selection),
+            "selection_criteria": sel.criterion_correlation(families), "lr_sensitivity": sel.lr_sensitivity(families)}
 
 
 def csv_names(tables: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -103,7 +104,7 @@ def protocol_figures(report: Report, protocol: str, cells: list[Cell]) -> list[P
     points = [{**r, **{k: v for k, v in recovery[r["method"]].items() if k.startswith("dice_recovery")}}
               for r in report.tables["cost"] if r["protocol"] == protocol]
     paths.append(figures.cost_vs_recovery(points, f"Cost against recovery, {title}", folder / "cost_vs_recovery.png"))
-    sensitivity = sel.lr_sensitivity(cells)
+    sensitivity = [p for p in report.tables["lr_sensitivity"] if p["protocol"] == protocol]
     if sensitivity:
         paths.append(figures.lr_sensitivity(sensitivity, f"Recovery against learning rate, {title}",
                                             folder / "lr_sensitivity.png"))

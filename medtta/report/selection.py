@@ -137,11 +137,11 @@ def choose(family: Family, strategy: str, site: str) -> str | None:
     raise MedttaError(f"--select '{strategy}': unknown strategy")
 
 
-def selection_rows(cells: list[Cell], strategies: Sequence[str], boot: Bootstrap) -> list[dict[str, Any]]:
+def selection_rows(found: list[Family], strategies: Sequence[str], boot: Bootstrap) -> list[dict[str, Any]]:
     """Per family and strategy: the recovery of the picks over the sites it scores, with its bootstrap interval,
     the regret against the oracle on the same sites, and the picks."""
     rows = []
-    for family in families(cells):
+    for family in found:
         oracle = {s: choose(family, "oracle", s) for s in family.site_names}
         for strategy in strategies:
             picks = {s: choose(family, strategy, s) for s in family.site_names}
@@ -179,12 +179,12 @@ def ranking_agreement(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def criterion_correlation(cells: list[Cell]) -> list[dict[str, Any]]:
+def criterion_correlation(found: list[Family]) -> list[dict[str, Any]]:
     """Per protocol and label-free criterion: Kendall's τ between the criterion (entropy negated: lower is
     better) and the true recovery across a family's configurations on one site, averaged over families and sites."""
     out = []
     by_protocol: dict[str, list[Family]] = {}
-    for family in families(cells):
+    for family in found:
         by_protocol.setdefault(family.protocol, []).append(family)
     for protocol, of_protocol in by_protocol.items():
         for criterion in LABEL_FREE:
@@ -202,11 +202,11 @@ def criterion_correlation(cells: list[Cell]) -> list[dict[str, Any]]:
     return out
 
 
-def lr_sensitivity(cells: list[Cell]) -> list[dict[str, Any]]:
+def lr_sensitivity(found: list[Family]) -> list[dict[str, Any]]:
     """Per family that swept its learning rate, per configuration: the learning rate and the recovery (mean over
     target sites), for the sensitivity figure."""
     points = []
-    for family in families(cells):
+    for family in found:
         if len({family.params[c].get("hp.lr") for c in family.configs}) < 2:
             continue
         for config in family.configs:
