@@ -178,11 +178,23 @@ def configurations(space: dict[str, tuple[Any, ...]]) -> list[tuple[tuple[str, A
     return [tuple(zip(keys, values, strict=True)) for values in itertools.product(*(space[k] for k in keys))]
 
 
+def runs_in_dims(method: str, protocol: Protocol, config: BenchConfig) -> bool:
+    """Whether `method` adapts networks of the dimensions `protocol` runs in (`-a spatial_dims`, else its `dims`)."""
+    return config.run.arch_config.get("spatial_dims", protocol.preprocessing.dims) in ADAPTERS.get(method).spatial_dims
+
+
 def grid(config: BenchConfig) -> list[Cell]:
-    """Every cell, protocol by protocol (cells of one source model run together)."""
+    """Every cell, protocol by protocol (cells of one source model run together); a method is left out of a protocol
+    whose network dimensions it does not adapt (`left_out`)."""
     return [Cell(m, p, seed, setting, swept) for p in config.protocols for seed in config.seeds
-            for setting in config.settings for m in config.methods
+            for setting in config.settings for m in config.methods if runs_in_dims(m, p, config)
             for swept in configurations(config.sweeps.get(m, {}))]
+
+
+def left_out(config: BenchConfig) -> list[str]:
+    """`method on protocol (3D)` for every pair the grid leaves out, the method adapting other dimensions only."""
+    return [f"{m} on {p.name} ({config.run.arch_config.get('spatial_dims', p.preprocessing.dims)}D)"
+            for p in config.protocols for m in config.methods if not runs_in_dims(m, p, config)]
 
 
 def engine_of(cell: Cell, config: BenchConfig) -> Engine:
@@ -349,6 +361,8 @@ def bench(config: BenchConfig, progress: bool = True, echo: Callable[[str], None
     shown = set(messages)
     for message in messages:
         echo(f"Warning: {message}")
+    if left_out(config):
+        echo(f"Left out, the method adapting networks of other dimensions only: {', '.join(left_out(config))}")
     cells = grid(config)
     todo, outcomes = sort_out(cells, config, MlflowClient(tracking_uri=uri))
     skipped = sum(o.status == "skipped" for o in outcomes)

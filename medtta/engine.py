@@ -57,7 +57,7 @@ class RunConfig:
     setting: str | None = None  # None: the protocol's default
     seed: int = 0
     steps: int | None = None  # None: the method's default
-    batch_size: int = 32  # slices per batch; a batch never mixes volumes
+    batch_size: int | None = None  # slices per batch (a batch never mixes volumes), 3D: patches; None: 32, 3D: 2
     hparams: dict[str, Any] = field(default_factory=dict)
     arch_config: dict[str, Any] = field(default_factory=dict)  # overrides of the architecture's defaults
     architecture: str | None = None  # None: the method's default (one of `Adapter.architectures()`)
@@ -153,6 +153,43 @@ def method_source_model(method: str, protocol: Protocol, dataset: Dataset, seed:
                         progress, cls.statistics_to_compute(), precision)
 
 
+def network_dims(protocol: Protocol, arch_config: dict[str, Any], architecture: str
+                 ) -> tuple[Protocol, dict[str, Any]]:
+    """The protocol and architecture config in the dimensions the network runs in: `-a spatial_dims`, else the
+    protocol's `dims`; the architecture gets `spatial_dims` when it has that key. Fails when it is 2D only."""
+    arch_config = dict(arch_config)
+    dims = arch_config.pop("spatial_dims", protocol.preprocessing.dims)
+    if dims not in (2, 3):
+        raise MedttaError(f"-a spatial_dims={dims}: expected 2 (slices) or 3 (volumes)")
+    if "spatial_dims" in ARCHITECTURES.get(architecture).defaults:
+        arch_config["spatial_dims"] = dims
+    elif dims == 3:
+        raise MedttaError(f"architecture {architecture} is 2D only ({_dims_hint(protocol, dims)})")
+    return protocol.with_dims(dims), arch_config
+
+
+def _dims_hint(protocol: Protocol, dims: int) -> str:
+    return ("-a spatial_dims=2 runs it on slices" if dims == 3 else
+            f"protocol {protocol.name} or -a spatial_dims=3 runs it on volumes")
+
+
+def resolve_dims(protocol: Protocol, config: RunConfig, architecture: str) -> tuple[Protocol, RunConfig]:
+    """`network_dims` for a run, which also fails when the method does not adapt networks of those dimensions, or
+    needs BatchNorm and `-a norm` builds none; the batch size defaults to 32 slices or 2 patches."""
+    cls = ADAPTERS.get(config.method)
+    dims = config.arch_config.get("spatial_dims", protocol.preprocessing.dims)
+    if dims in (2, 3) and dims not in cls.spatial_dims:
+        raise MedttaError(f"{config.method} adapts {' and '.join(f'{d}D' for d in cls.spatial_dims)} networks, not "
+                          f"{dims}D ({_dims_hint(protocol, dims)})")
+    protocol, arch_config = network_dims(protocol, config.arch_config, architecture)
+    norm = {**ARCHITECTURES.get(architecture).defaults, **arch_config}.get("norm", "batch")
+    if cls.needs_batchnorm and norm != "batch":
+        raise MedttaError(f"{config.method} needs a model with BatchNorm layers: -a norm={norm} builds none "
+                          "(use -a norm=batch)")
+    batch_size = config.batch_size or (32 if protocol.preprocessing.dims == 2 else 2)
+    return protocol, dataclasses.replace(config, arch_config=arch_config, batch_size=batch_size)
+
+
 def method_architecture(method: str, architecture: str | None = None) -> str:
     """`architecture` if `method` adapts it, the method's default when None; another fails naming the ones it adapts."""
     known = ADAPTERS.get(method).architectures()
@@ -208,7 +245,7 @@ class SourcePredictions:
         if path is not None and path.is_file():
             saved = torch.load(path, weights_only=True)
             return prepared, Unadapted(saved["pred"].long(), float(saved["dice"]), float(saved["seconds"]))
-        p, x = self.protocol, prepared.slices.to(self.device)
+        p, x = self.protocol, prepared.x.to(self.device)
         with autocast(self.precision, self.device):
             logits, seconds = timed(lambda: predict_unadapted(self.model, x, self.batch_size), self.device)
         pred = to_native(logits, prepared.volume, p.preprocessing)
@@ -294,6 +331,7 @@ class Engine:
         self.steps = self.adapter_cls.default_steps if config.steps is None else config.steps
         self.architecture_name = method_architecture(config.method, config.architecture)
         self.architecture = ARCHITECTURES.get(self.architecture_name)
+        protocol, config = self.protocol, self.config = resolve_dims(protocol, config, self.architecture_name)
         self.architecture.check_config(config.arch_config)
         self.device = resolve_device(config.device)
         self.precision = check_precision(config.precision)
@@ -312,6 +350,8 @@ class Engine:
                 "target_sites": ",".join(p.target_sites), "architecture": self.architecture_name,
                 "train_epochs": p.training.epochs, "train_lr": p.training.lr,
                 "input_size": "x".join(map(str, p.preprocessing.size)), "input_spacing": p.preprocessing.spacing,
+                **({"patch_size": "x".join(map(str, p.preprocessing.patch)),
+                    "slice_spacing": p.preprocessing.slice_spacing} if p.preprocessing.dims == 3 else {}),
                 "source_site_check": c.source_site_check, "precision": self.precision, **self._stream_params(),
                 **{f"hp.{k}": v for k, v in hparams.items()},
                 **{f"arch.{k}": v for k, v in {**self.architecture.defaults, **c.arch_config}.items()}}
@@ -373,6 +413,7 @@ class Engine:
             seed_everything(c.seed)
             adapter = create_adapter(c.method, copy.deepcopy(model), record, **c.hparams).to(self.device)
             adapter.use_precision(self.precision, self.device)
+            adapter.patches_per_update = c.batch_size
             out_dir = self.results / "runs" / p.name / run_id
             cases = {site: dataset.cases_of(site, "test") for site in p.target_sites}
             stream = target_stream(self.setting, cases, c.seed, c.rounds, c.site_order)
@@ -459,7 +500,7 @@ class Engine:
         """The case's row, and its most-foreground slice (reference, unadapted and adapted) for the report."""
         p, c = self.protocol, self.config
         prepared, source = unadapted.of(case)
-        x = prepared.slices.to(self.device)
+        x = prepared.x.to(self.device)
         with autocast(self.precision, self.device):
             logits, seconds = timed(lambda: adapt_and_predict(adapter, x, self.setting, self.steps, c.batch_size),
                                     self.device)

@@ -13,6 +13,7 @@ from medtta.errors import ProtocolError
 from medtta.streams import SETTINGS
 
 MODALITIES = ("MRI", "CT", "OCT")
+DIVISOR = 8  # a UNet input side must be a multiple of this (three stride-2 levels)
 INTENSITY_SCHEMES = {"MRI": "mr", "CT": "ct", "OCT": "oct"}  # the default normalization of each modality
 
 
@@ -34,6 +35,20 @@ class Preprocessing:
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     window: tuple[float, float] = (-160.0, 240.0)
     slice_axis: int = 2  # the array axis (x, y, z as loaded) a 3D volume is cut along: its acquisition plane
+    dims: int = 2  # 2: the network sees slices; 3: the volume (its slices stacked, see `slice_spacing`)
+    patch_size: tuple[int, int, int] | None = None  # 3D: training patch and sliding window, in-plane then depth
+    slice_spacing: float | None = None  # 3D: mm between slices the volume is resampled to (None: as acquired)
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        """The 3D patch as `patch_size` gives it, in-plane then depth; default `size` in-plane, 32 deep."""
+        return self.patch_size or (*self.size, 32)
+
+    @property
+    def patch_shape(self) -> tuple[int, int, int]:
+        """The 3D patch as the network sees it, depth first: (depth, H, W)."""
+        h, w, d = self.patch
+        return d, h, w
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,10 @@ class Protocol:
         """The foreground labels Dice, recovery and collapse are computed on."""
         names = self.evaluate_labels or [n for n, v in self.labels.items() if v > 0]
         return {n: self.labels[n] for n in names}
+
+    def with_dims(self, dims: int) -> Protocol:
+        """A copy whose network sees slices (2) or volumes (3)."""
+        return dataclasses.replace(self, preprocessing=dataclasses.replace(self.preprocessing, dims=dims))
 
     def with_sites(self, source_site: str | None, target_sites: tuple[str, ...] | None) -> Protocol:
         """A copy with another source site and/or target sites (targets default to the other sites)."""
@@ -133,6 +152,7 @@ def parse_protocol(raw: Any, path: Path) -> Protocol:
     if preprocessing.slice_axis not in (0, 1, 2):
         raise _fail(path, f"field 'preprocessing.slice_axis' must be 0, 1 or 2 (an axis of the x-y-z array), "
                           f"got {preprocessing.slice_axis!r}")
+    _check_dims(path, preprocessing)
     evaluate = _evaluate_labels(path, raw, labels)
     split = raw.get("split") or {}
     fractions = tuple(split.get("fractions", (0.7, 0.15, 0.15)))
@@ -155,6 +175,18 @@ def parse_protocol(raw: Any, path: Path) -> Protocol:
         evaluate_labels=evaluate,
         source=str(path),
     )
+
+
+def _check_dims(path: Path, prep: Preprocessing) -> None:
+    if prep.dims not in (2, 3):
+        raise _fail(path, f"field 'preprocessing.dims' must be 2 or 3, got {prep.dims!r}")
+    if prep.patch_size is not None and (len(prep.patch_size) != 3 or any(
+            not isinstance(n, int) or n <= 0 or n % DIVISOR for n in prep.patch_size)):
+        raise _fail(path, f"field 'preprocessing.patch_size' must be three positive multiples of {DIVISOR} (the "
+                          f"UNet halves a patch three times), got {prep.patch_size!r}")
+    if prep.slice_spacing is not None and not (isinstance(prep.slice_spacing, int | float) and prep.slice_spacing > 0):
+        raise _fail(path, f"field 'preprocessing.slice_spacing' must be a positive number of mm, "
+                          f"got {prep.slice_spacing!r}")
 
 
 def _evaluate_labels(path: Path, raw: dict, labels: dict) -> tuple[str, ...] | None:

@@ -8,6 +8,7 @@ test time), `collect_params` (what is trained), `loss` (the unsupervised objecti
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from medtta.errors import MedttaError
 from medtta.models.base import SourceStatistics, SourceVolume
+from medtta.models.volumetric import random_patches
 from medtta.precision import grad_scaler
 from medtta.registry import check_keys
 
@@ -51,6 +53,10 @@ class Adapter(nn.Module):
     search_space: ClassVar[dict[str, tuple[Any, ...]] | None] = None
     #: the label-free selection criterion that is also the method's own loss (`medtta report --select` flags it)
     own_criterion: ClassVar[str] = ""
+    #: the networks the method adapts: 2D (slices) and/or 3D (volumes; `medtta.models.volumetric`)
+    spatial_dims: ClassVar[tuple[int, ...]] = (2,)
+    #: the method normalizes with test-batch statistics: a model without BatchNorm (`-a norm=...`) is refused
+    needs_batchnorm: ClassVar[bool] = False
 
     @classmethod
     def sweep_space(cls) -> dict[str, tuple[Any, ...]]:
@@ -85,6 +91,7 @@ class Adapter(nn.Module):
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = self.make_optimizer(self.params) if self.params else None
+        self.patches_per_update = 2  # 3D: random patches of the volume per update (the engine's batch size)
         self.use_precision("fp32", torch.device("cpu"))
         self._initial_state = self.snapshot()
 
@@ -167,10 +174,24 @@ class Adapter(nn.Module):
         return None if logits is None else logits.detach()
 
     def adapt(self, x: torch.Tensor, steps: int, batch_size: int) -> None:
-        """Episodic adaptation to one volume's slices `x`: `steps` passes of one update per batch."""
+        """Episodic adaptation to one volume's slices `x`: `steps` passes of one update per batch; a 3D volume
+        (1, 1, D, H, W): `steps` passes of `patch_updates` updates on random patches."""
         for _ in range(steps):
+            if x.dim() == 5:
+                for _ in range(self.patch_updates(x)):
+                    self.update(self.patches(x))
+                continue
             for b in torch.split(x, batch_size):
                 self.update(b)
+
+    def patches(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """`n` (default `patches_per_update`) random patches of the 3D volume `x`, of the model's window."""
+        return random_patches(x, self.model.window, n or self.patches_per_update)[0]
+
+    def patch_updates(self, x: torch.Tensor) -> int:
+        """Updates in one pass over the 3D volume `x`: as many patches as hold its voxels, `patches_per_update` at
+        a time (at least one update)."""
+        return max(1, round(math.prod(x.shape[2:]) / (math.prod(self.model.window) * self.patches_per_update)))
 
     def accumulate(self, x: torch.Tensor, batch_size: int,
                    batch_loss: Callable[[int, torch.Tensor], torch.Tensor]) -> float:
@@ -185,12 +206,23 @@ class Adapter(nn.Module):
         return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Predict, then update (as online TENT does): the prediction never saw its own batch's gradient."""
+        """Predict, then update (as online TENT does): the prediction never saw its own batch's gradient. A 3D
+        volume is predicted whole (sliding windows), then the model takes one pass of updates on its patches."""
+        if x.dim() == 5:
+            logits = self.predict(x)
+            self.adapt_online(x)
+            return logits
         if self.optimizer is None or not self.logits_in_objective:
             logits = self.predict(x)
             self.update(x)
             return logits
         return self.update(x)
+
+    def adapt_online(self, x: torch.Tensor) -> None:
+        """The updates after predicting the 3D volume `x` online: one pass over its patches."""
+        if self.optimizer is not None:
+            for _ in range(self.patch_updates(x)):
+                self.update(self.patches(x))
 
     def snapshot(self) -> dict[str, Any]:
         """What `reset()` restores: a copy of the whole state (the model and anything the adapter adds)."""
@@ -234,6 +266,8 @@ class MixedBatchNorm(nn.modules.batchnorm._BatchNorm):
                          device=bn.weight.device if bn.affine else None)
         self.load_state_dict(bn.state_dict())
         self.source_weight = source_weight
+        #: the whole volume's (mean, variance), used instead of the batch's while set (sliding-window inference)
+        self.volume_statistics: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -243,14 +277,14 @@ class MixedBatchNorm(nn.modules.batchnorm._BatchNorm):
         """The per-channel mean and variance `x` is normalized with; the batch's part is a constant for
         backpropagation unless `batch_gradient`."""
         dims = [0, *range(2, x.dim())]
-        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        mean, var = self.volume_statistics or (x.mean(dims), x.var(dims, unbiased=False))
         if not self.batch_gradient:
             mean, var = mean.detach(), var.detach()
         w = self.source_weight
         return w * self.running_mean + (1 - w) * mean, w * self.running_var + (1 - w) * var
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.source_weight == 0 and self.batch_gradient:  # batch statistics alone, gradients through them: fused
+        if self.source_weight == 0 and self.batch_gradient and self.volume_statistics is None:  # batch alone: fused
             return nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         mean, var = self.statistics(x)
         shape = (1, -1) + (1,) * (x.dim() - 2)

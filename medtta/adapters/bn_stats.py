@@ -18,6 +18,8 @@ class BNStats(Adapter):
     """
 
     paradigm: ClassVar[str] = "feature"
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
+    needs_batchnorm: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {"source_weight": 0.0}
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"source_weight": (0.0, 0.5, 0.9)}
 

@@ -16,6 +16,7 @@ from medtta.errors import RegistryError
 from medtta.models.base import weights_under_batch_statistics
 
 NORMALIZATIONS = ("batch", "source")
+ACCUMULATED_PATCHES = 16  # 3D: random patches whose gradients make one update (official: 16 per epoch)
 
 
 class DGTTA(Adapter):
@@ -48,6 +49,9 @@ class DGTTA(Adapter):
     softmax averaged over the adapted models (the log of it is returned); it does not apply in the continual
     setting, which has one model. Cost per update: branch a forward and backward, branch b forward.
 
+    3D volumes (the official setting): 3D affine warps (3x4 matrices); each episodic step accumulates the gradients
+    of 16 random patches (official), `patches_per_update` per batch; continual: one pass of patch updates per volume.
+
     Hyper-parameters: `lr` (1e-5), `weight_decay` (0.01), `strength` (0.05), `ensemble` (1), `norm` (batch).
     On 3 volumes per site of synth-mri (episodic, 12 passes), `norm=batch` beat `norm=source` on every site, and
     lr 1e-4 did better than the official 1e-5 (1e-3 collapses); the default keeps the paper's value.
@@ -57,6 +61,7 @@ class DGTTA(Adapter):
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-5, "weight_decay": 0.01, "strength": 0.05, "ensemble": 1,
                                           "norm": "batch"}
     default_steps: ClassVar[int] = 12
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     logits_in_objective: ClassVar[bool] = False  # the objective sees warped slices only
 
     def configure(self, model: nn.Module) -> None:
@@ -77,8 +82,8 @@ class DGTTA(Adapter):
 
     def _branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The softmax of a randomly warped view of `x`, warped back, and where the view reached."""
-        view = AffineView.random(len(x), self.hparams["strength"], x.device)
-        size = tuple(x.shape[-2:])
+        view = AffineView.random(len(x), self.hparams["strength"], x.device, x.dim() - 2)
+        size = tuple(x.shape[2:])
         return view.invert(self.model(view.apply(x)).softmax(1), size), view.seen(size)
 
     def consistency(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +103,9 @@ class DGTTA(Adapter):
             if run:
                 self.reset()  # each member adapts independently from the source model
             for _ in range(steps):
-                self.accumulate(x, batch_size, lambda _, b: self.consistency(b))
+                units = self.patches(x, ACCUMULATED_PATCHES) if x.dim() == 5 else x
+                self.accumulate(units, self.patches_per_update if x.dim() == 5 else batch_size,
+                                lambda _, b: self.consistency(b))
                 self.optimizer_step()
             if self.hparams["ensemble"] > 1:
                 members.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})

@@ -28,13 +28,13 @@ def redundancy_threshold(d_margin: float, n_classes: int) -> float:
 
 
 def pixel_weights(logits: torch.Tensor, average: torch.Tensor, e_margin: float, d_threshold: float) -> torch.Tensor:
-    """(N, H, W) weight of each pixel's entropy: 1 / exp(entropy - `e_margin`) where the pixel is reliable (entropy
-    below `e_margin`) and not redundant (|cosine| of its softmax to the moving `average` below `d_threshold`), 0
-    elsewhere. An all-zero `average` (none yet) finds nothing redundant."""
+    """(N, H, W) (3D: (N, D, H, W)) weight of each pixel's entropy: 1 / exp(entropy - `e_margin`) where the pixel
+    is reliable (entropy below `e_margin`) and not redundant (|cosine| of its softmax to the moving `average` below
+    `d_threshold`), 0 elsewhere. An all-zero `average` (none yet) finds nothing redundant."""
     entropy = pixel_entropy(logits.detach())
     keep = entropy < e_margin
     if average.any():
-        cosine = F.cosine_similarity(logits.detach().softmax(1), average.view(1, -1, 1, 1), dim=1)
+        cosine = F.cosine_similarity(logits.detach().softmax(1), average.view(1, -1, *[1] * (logits.dim() - 2)), dim=1)
         keep &= cosine.abs() < d_threshold
     return torch.where(keep, torch.exp(e_margin - entropy), torch.zeros_like(entropy))
 
@@ -79,6 +79,8 @@ class EATA(Adapter):
     """
 
     paradigm: ClassVar[str] = "output"
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
+    needs_batchnorm: ClassVar[bool] = True
     own_criterion: ClassVar[str] = "entropy"  # its loss: selecting by entropy selects by its own objective
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "margin": 0.4, "d_margin": 0.05, "fisher_alpha": 2000.0}
     default_steps: ClassVar[int] = 1

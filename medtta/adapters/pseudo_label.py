@@ -25,6 +25,8 @@ class PseudoLabel(Adapter):
     """
 
     paradigm: ClassVar[str] = "output"
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
+    needs_batchnorm: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "threshold": 0.9, "params": "norm"}
     default_steps: ClassVar[int] = 1
 

@@ -42,6 +42,8 @@ class SAR(Adapter):
     """
 
     paradigm: ClassVar[str] = "output"
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
+    needs_batchnorm: ClassVar[bool] = True
     own_criterion: ClassVar[str] = "entropy"  # its loss: selecting by entropy selects by its own objective
     defaults: ClassVar[dict[str, Any]] = {"lr": 2.5e-4, "rho": 0.05, "margin": 0.4, "reset_below": 0.2 / math.log(1000)}
     default_steps: ClassVar[int] = 1

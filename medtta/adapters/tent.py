@@ -19,6 +19,8 @@ class Tent(Adapter):
     """
 
     paradigm: ClassVar[str] = "output"
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
+    needs_batchnorm: ClassVar[bool] = True
     own_criterion: ClassVar[str] = "entropy"  # its loss: selecting by entropy selects by its own objective
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3}
     default_steps: ClassVar[int] = 1

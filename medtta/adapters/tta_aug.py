@@ -8,8 +8,10 @@ from typing import Any, ClassVar
 import torch
 
 from medtta.adapters.base import Adapter
-from medtta.adapters.views import View, mean_probabilities
+from medtta.adapters.views import View, all_flips, mean_probabilities
 from medtta.errors import RegistryError
+
+flip_sets = {2: [(), (-1,)], 3: all_flips(3)}  # 2D: the mirror image (left-right); 3D: every axis
 
 
 class TestTimeAugmentation(Adapter):
@@ -17,8 +19,9 @@ class TestTimeAugmentation(Adapter):
     weight changes.
 
     The baseline that tells whether adapting weights beats not adapting them. Views: the slice, plus the slice at
-    contrast 1 - `contrast` and 1 + `contrast` (around each slice's mean); with `flip` its mirror image too, with
-    `rotations` each at its 4 quarter turns. The logits returned are the log of the averaged probabilities.
+    contrast 1 - `contrast` and 1 + `contrast` (around each slice's mean); with `flip` its mirror image too (a 3D
+    volume: its 8 flips of the three axes), with `rotations` each at its 4 (in-plane) quarter turns. The logits
+    returned are the log of the averaged probabilities.
 
     Geometric views are off by default: TTA averages over the transformations a model was trained to be invariant
     to (nnU-Net mirrors because it trains with mirroring), and medtta's source models are trained without geometric
@@ -27,6 +30,7 @@ class TestTimeAugmentation(Adapter):
     """
 
     paradigm: ClassVar[str] = "output"
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     defaults: ClassVar[dict[str, Any]] = {"flip": False, "rotations": False, "contrast": 0.1}
 
     def __init__(self, model: torch.nn.Module, **hparams: Any) -> None:
@@ -35,11 +39,11 @@ class TestTimeAugmentation(Adapter):
         if not 0 <= h["contrast"] < 1:
             raise RegistryError(f"{type(self).__name__} hyper-parameter contrast must be in [0, 1), "
                                 f"got {h['contrast']}")
-        flips = (False, True) if h["flip"] else (False,)
-        self.views = [View(turns, flip) for turns in range(4 if h["rotations"] else 1) for flip in flips]
-        if h["contrast"]:
-            self.views += [View(contrast=1 - h["contrast"]), View(contrast=1 + h["contrast"])]
+        contrasts = [View(contrast=1 - h["contrast"]), View(contrast=1 + h["contrast"])] if h["contrast"] else []
+        self.views = {dims: [View(turns, flips) for turns in range(4 if h["rotations"] else 1)
+                             for flips in (flip_sets[dims] if h["flip"] else [()])] + contrasts
+                      for dims in (2, 3)}
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return mean_probabilities(self.model, x, self.views).clamp_min(1e-8).log()
+        return mean_probabilities(self.model, x, self.views[x.dim() - 2]).clamp_min(1e-8).log()

@@ -53,6 +53,7 @@ class RotationTTT(TestTimeTraining):
     architecture: ClassVar[str] = "unet-rotation"
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3}
     default_steps: ClassVar[int] = 10
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)  # 3D: in-plane rotations of the patches
 
 
 class MaskedTTT(TestTimeTraining):

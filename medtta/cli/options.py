@@ -79,10 +79,12 @@ TRACKING_URI = click.option("--tracking-uri",
 engine_options = _apply([
     click.option("--steps", type=click.IntRange(min=0),
                  help="Adaptation iterations per volume in the episodic setting (default: each method's)."),
-    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
-                 help="Slices per batch (a batch never mixes volumes)."),
+    click.option("--batch-size", type=click.IntRange(min=1),
+                 help="Slices per batch, a batch never mixing volumes (default 32); with a 3D network, random "
+                      "patches per update (default 2)."),
     click.option("--arch-param", "-a", "arch_params", multiple=True, metavar="KEY=VALUE",
-                 help="Source-architecture config, e.g. -a dae_epochs=20 (see `medtta list architectures`); "
+                 help="Source-architecture config, e.g. -a dae_epochs=20, -a spatial_dims=3 (a 3D network on "
+                      "volumes; default: the protocol's dims), -a norm=group (see `medtta list architectures`); "
                       "repeatable. Part of the source model's cache key."),
     click.option("--epochs", type=click.IntRange(min=1), help="Source-training epochs (default: the protocol's)."),
     click.option("--include-source-site", "source_site_check", is_flag=True,

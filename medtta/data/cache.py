@@ -1,5 +1,5 @@
 """What every run of a dataset shares, computed once and cached in the results dir: the dataset's check (keyed by
-a fingerprint of its files) with the checksum of every file, and each case preprocessed to network slices (keyed
+a fingerprint of its files) with the checksum of every file, and each case preprocessed to network input (keyed
 by the case's checksums and the preprocessing)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from medtta.data.checks import check_dataset
 from medtta.data.layout import Case, Dataset, Volume, load_volume, sha256
-from medtta.data.preprocess import image_slices
+from medtta.data.preprocess import image_input
 from medtta.errors import DataError
 from medtta.progress import progress_bar
 from medtta.protocol import Preprocessing
@@ -72,10 +72,10 @@ def validated_checksums(dataset: Dataset, cache: Path, progress: bool = True) ->
 
 @dataclass(frozen=True)
 class PreparedVolume:
-    """A case as the engine uses it: its network slices, and the reference labels and spacing of the native
+    """A case as the engine uses it: its network input, and the reference labels and spacing of the native
     volume that predictions are brought back to."""
 
-    slices: torch.Tensor  # (slices, 1, H, W) float
+    x: torch.Tensor  # (slices, 1, H, W) float; 3D: (1, 1, D, H, W)
     volume: Volume  # label and spacing of the native volume; the image is left out (the slices hold it)
 
 
@@ -99,12 +99,12 @@ class VolumeCache:
         if path is not None and path.is_file():
             saved = torch.load(path, weights_only=True)
             label = saved["label"].numpy()
-            return PreparedVolume(saved["slices"],
+            return PreparedVolume(saved["x"],
                                   Volume(case.case_id, None, label, tuple(saved["spacing"].tolist())))
         full = load_volume(case, self.dataset.labels)
-        prepared = PreparedVolume(image_slices(full, self.prep),
+        prepared = PreparedVolume(image_input(full, self.prep),
                                   Volume(case.case_id, None, full.label, full.spacing))
         if path is not None:
-            save_atomic({"slices": prepared.slices, "label": torch.as_tensor(np.ascontiguousarray(full.label)),
+            save_atomic({"x": prepared.x, "label": torch.as_tensor(np.ascontiguousarray(full.label)),
                          "spacing": torch.tensor(full.spacing, dtype=torch.float64)}, path)
         return prepared

@@ -1,6 +1,7 @@
 """Volume -> network input and back: intensity normalization per modality, then per slice either a resize to
 the protocol's `size` or, when the protocol fixes a `spacing`, resampling to that spacing and a centred
-pad/crop to `size` (MONAI transforms)."""
+pad/crop to `size` (MONAI transforms). A 3D network sees the same slices stacked depth first, (1, 1, D, H, W),
+resampled along the slice axis to the protocol's `slice_spacing`."""
 
 from __future__ import annotations
 
@@ -76,8 +77,9 @@ def label_slices(volume: Volume, prep: Preprocessing) -> torch.Tensor:
 
 
 def to_native(logits: torch.Tensor, volume: Volume, prep: Preprocessing) -> torch.Tensor:
-    """Network logits (slices, C, H, W) -> label map in the volume's own shape, on the CPU. With a protocol
-    spacing the pad/crop is undone first; what was cropped away is background (all-zero logits)."""
+    """Network logits (slices, C, H, W), or 3D (1, C, D, H, W), -> label map in the volume's own shape, on the CPU.
+    With a protocol spacing the pad/crop is undone first; what was cropped away is background (all-zero logits)."""
+    logits = as_slices(logits, 1 if volume.label.ndim == 2 else volume.label.shape[prep.slice_axis])
     n_slices, n_classes = logits.shape[:2]
     if prep.spacing is not None:
         flat = logits.float().reshape(n_slices * n_classes, *logits.shape[2:])
@@ -87,3 +89,43 @@ def to_native(logits: torch.Tensor, volume: Volume, prep: Preprocessing) -> torc
                             align_corners=False)
     labels = resized.argmax(1).cpu()  # slices first
     return labels[0] if volume.label.ndim == 2 else labels.movedim(0, prep.slice_axis)
+
+
+def depth(volume: Volume, prep: Preprocessing) -> int:
+    """Slices of the 3D network input: the volume's, resampled to `slice_spacing` when the protocol fixes one."""
+    n = 1 if volume.label.ndim == 2 else volume.label.shape[prep.slice_axis]
+    if prep.slice_spacing is None or volume.label.ndim == 2:
+        return n
+    return max(1, round(n * volume.spacing[prep.slice_axis] / prep.slice_spacing))
+
+
+def _stacked(slices: torch.Tensor, n: int, mode: str) -> torch.Tensor:
+    """(slices, C, H, W) -> (1, C, n, H, W): the slices as one volume, resampled to `n` slices."""
+    stack = slices.movedim(0, 1).unsqueeze(0)
+    if stack.shape[2] == n:
+        return stack.contiguous()
+    kwargs = {"align_corners": False} if mode == "trilinear" else {}
+    return F.interpolate(stack.float(), size=(n, *stack.shape[3:]), mode=mode, **kwargs).to(slices.dtype)
+
+
+def image_input(volume: Volume, prep: Preprocessing) -> torch.Tensor:
+    """The network input of a volume: its slices (slices, 1, H, W), or in 3D the volume (1, 1, D, H, W)."""
+    slices = image_slices(volume, prep)
+    return slices if prep.dims == 2 else _stacked(slices, depth(volume, prep), "trilinear")
+
+
+def label_input(volume: Volume, prep: Preprocessing) -> torch.Tensor:
+    """Labels as the network sees them, like `image_input`: (slices, H, W), or in 3D (1, D, H, W)."""
+    labels = label_slices(volume, prep)
+    return labels if prep.dims == 2 else _stacked(labels.unsqueeze(1), depth(volume, prep), "nearest")[:, 0]
+
+
+def as_slices(logits: torch.Tensor, n_slices: int) -> torch.Tensor:
+    """3D logits (1, C, D, H, W) -> (n_slices, C, H, W), resampled along depth (linearly, before the argmax);
+    slice logits pass unchanged."""
+    if logits.dim() == 4:
+        return logits
+    if logits.shape[2] != n_slices:
+        logits = F.interpolate(logits.float(), size=(n_slices, *logits.shape[3:]), mode="trilinear",
+                               align_corners=False)
+    return logits[0].movedim(1, 0)

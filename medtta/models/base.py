@@ -23,7 +23,8 @@ from medtta.registry import check_keys
 
 _SEGMENTATION_LOSS = DiceCELoss(to_onehot_y=True, softmax=True)
 
-SourceVolume = tuple[torch.Tensor, torch.Tensor]  # one source volume: (slices, 1, H, W) images, (slices, H, W) labels
+#: one source volume: (slices, 1, H, W) images and (slices, H, W) labels; 3D: (1, 1, D, H, W) and (1, D, H, W)
+SourceVolume = tuple[torch.Tensor, torch.Tensor]
 SourceStatistics = Callable[[nn.Module, Iterable[SourceVolume]], dict[str, torch.Tensor]]
 """Tensors computed (not trained) from a trained source model on source volumes, e.g. `Adapter.source_statistics`."""
 
@@ -105,6 +106,18 @@ class Architecture(nn.Module):
         """The config source training depends on: all of it but the keys only a post-training stage uses."""
         stage_keys = {k for stage in self.post_training() for k in stage.config_keys}
         return {k: v for k, v in self.config.items() if k not in stage_keys}
+
+
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
+
+
+def norm_params(module: nn.Module) -> list[nn.Parameter]:
+    """Affine parameters of every normalization layer (BatchNorm, InstanceNorm, GroupNorm)."""
+    return [p for m in module.modules() if isinstance(m, NORM_LAYERS) and m.affine for p in (m.weight, m.bias)]
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 def batchnorm_params(module: nn.Module) -> list[nn.Parameter]:

@@ -23,11 +23,12 @@ from torch import nn
 
 from medtta.data.cache import digest, save_atomic
 from medtta.data.layout import Dataset, load_volume, sha256
-from medtta.data.preprocess import image_slices, label_slices, to_native
+from medtta.data.preprocess import image_input, label_input, to_native
 from medtta.errors import DataError
 from medtta.metrics import mean, volume_dice
 from medtta.models import build_network
 from medtta.models.base import Architecture, SourceStatistics, SourceVolume, Stage
+from medtta.models.volumetric import random_patches
 from medtta.precision import autocast, grad_scaler
 from medtta.progress import progress_bar
 from medtta.protocol import Protocol
@@ -92,7 +93,7 @@ class SourceData:
     @cached_property
     def volumes(self) -> dict[str, list[SourceVolume]]:
         prep = self.protocol.preprocessing
-        return {split: [(image_slices(v, prep), label_slices(v, prep)) for v in volumes]
+        return {split: [(image_input(v, prep), label_input(v, prep)) for v in volumes]
                 for split, volumes in self.raw.items()}
 
 
@@ -116,18 +117,38 @@ def train_network(model: Architecture, data: SourceData, seed: int, device: torc
     """Train everything but the post-training stages on the architecture's source losses, in slice batches;
     keep the weights with the best mean validation Dice."""
     cfg = data.protocol.training
-    images = torch.cat([x for x, _ in data.volumes["train"]])
-    labels = torch.cat([y for _, y in data.volumes["train"]])
     rng = np.random.default_rng(seed)
+    if data.protocol.preprocessing.dims == 3:
+        batch_losses = _patch_losses(model, data.volumes["train"], cfg.batch_size, seed, device)
+    else:
+        images = torch.cat([x for x, _ in data.volumes["train"]])
+        labels = torch.cat([y for _, y in data.volumes["train"]])
 
-    def batch_losses(epoch: int) -> Iterator[torch.Tensor]:
-        for idx in _batches(len(images), cfg.batch_size, rng, min_size=2):  # a batch of one breaks BatchNorm
-            yield sum(model.source_losses(images[idx].to(device), labels[idx].to(device)).values())
+        def batch_losses(epoch: int) -> Iterator[torch.Tensor]:
+            for idx in _batches(len(images), cfg.batch_size, rng, min_size=2):  # a batch of one breaks BatchNorm
+                yield sum(model.source_losses(images[idx].to(device), labels[idx].to(device)).values())
 
     best = fit(model, model.network_parameters(), cfg.epochs, cfg.lr, batch_losses,
                lambda: _validation_dice(model, data, device),
                f"training {type(model).__name__} on site {data.protocol.source_site}", progress, precision)
     return {"val_dice": best["score"], "epoch": best["epoch"], "seconds": best["seconds"]}
+
+
+def _patch_losses(model: Architecture, volumes: list[SourceVolume], batch_size: int, seed: int,
+                  device: torch.device) -> Callable[[int], Iterator[torch.Tensor]]:
+    """3D source training: each epoch, every train volume gives one random patch of the model's window, in batches of
+    `batch_size` patches (a last batch of one is dropped: it breaks BatchNorm)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def batch_losses(epoch: int) -> Iterator[torch.Tensor]:
+        order = torch.randperm(len(volumes), generator=generator).tolist()
+        for start in range(0, len(order) - 1, batch_size):
+            picked = [random_patches(volumes[i][0], model.window, 1, volumes[i][1], generator)
+                      for i in order[start:start + batch_size]]
+            x, y = (torch.cat(parts).to(device) for parts in zip(*picked, strict=True))
+            yield sum(model.source_losses(x, y).values())
+
+    return batch_losses
 
 
 def train_stage(model: Architecture, stage: Stage, data: SourceData, seed: int, device: torch.device,
@@ -228,6 +249,8 @@ def source_model(
     """
     torch.manual_seed(seed)  # the same initial weights, whichever parts come from the cache
     model = build_network(architecture, 1, len(protocol.labels), **(config or {})).to(device)
+    if protocol.preprocessing.dims == 3:
+        model.use_window(protocol.preprocessing.patch_shape)
     key = cache_key(protocol, dataset, architecture, model) + ([precision] if precision != "fp32" else [])
     path = results / "models" / protocol.name / f"{architecture}-{protocol.source_site}-seed{seed}-{digest(key, 12)}.pt"
     data = SourceData(protocol, dataset)

@@ -24,7 +24,7 @@ def random_flips(x: torch.Tensor) -> torch.Tensor:
     """Each slice flipped left-right at random, as both TTT papers augment (horizontal flips only: a flip up-down
     as well would make a 180° rotation, so that the rotation task could not tell k from k + 2 quarter turns)."""
     flip = torch.rand(len(x), device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
 
 
 class AuxiliaryUNet(UNetModel):
@@ -48,14 +48,15 @@ class AuxiliaryUNet(UNetModel):
 
 
 class RotationUNet(AuxiliaryUNet):
-    """`unet` + a 4-way rotation classifier on the bottleneck (Sun et al. 2020)."""
+    """`unet` + a 4-way rotation classifier on the bottleneck (Sun et al. 2020); in 3D the rotations are in-plane."""
 
-    defaults: ClassVar[dict[str, Any]] = {"aux_weight": 1.0}
+    defaults: ClassVar[dict[str, Any]] = {**UNetModel.defaults, "aux_weight": 1.0}
 
     def __init__(self, in_channels: int, n_classes: int, **config: Any) -> None:
         super().__init__(in_channels, n_classes, **config)
-        self.head = nn.Sequential(nn.Conv2d(self.channels[-1], 64, 3, padding=1), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4))
+        conv, pool = (nn.Conv2d, nn.AdaptiveAvgPool2d) if self.spatial_dims == 2 else (nn.Conv3d, nn.AdaptiveAvgPool3d)
+        self.head = nn.Sequential(conv(self.channels[-1], 64, 3, padding=1), nn.ReLU(), pool(1), nn.Flatten(),
+                                  nn.Linear(64, 4))
 
     def rotation_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each slice flipped at random and rotated by a random multiple of 90°: the head's (N, 4) logits and the
@@ -78,7 +79,7 @@ class RotationUNet(AuxiliaryUNet):
 class MaskedUNet(AuxiliaryUNet):
     """`unet` + a light head reconstructing masked patches from the bottleneck (Gandelsman et al. 2022)."""
 
-    defaults: ClassVar[dict[str, Any]] = {"aux_weight": 1.0, "mask_ratio": 0.75}
+    defaults: ClassVar[dict[str, Any]] = {"norm": "batch", "aux_weight": 1.0, "mask_ratio": 0.75}
 
     def __init__(self, in_channels: int, n_classes: int, **config: Any) -> None:
         super().__init__(in_channels, n_classes, **config)

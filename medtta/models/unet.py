@@ -1,7 +1,9 @@
-"""`unet`: the MONAI 2D UNet every UNet-family architecture keeps as its backbone, run as encoder and decoder."""
+"""`unet`: the MONAI UNet every UNet-family architecture keeps as its backbone, run as encoder and decoder; 2D on
+slices or 3D on volumes (`spatial_dims`), with BatchNorm, InstanceNorm or GroupNorm (`norm`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -10,9 +12,25 @@ from monai.networks.layers import Norm
 from monai.networks.nets import UNet
 from torch import nn
 
-from medtta.models.base import Architecture, batchnorm_params, params_of
+from medtta.errors import RegistryError
+from medtta.models.base import Architecture, norm_params, params_of
+from medtta.models.volumetric import Window, sliding_window_logits
 
 FeatureTransform = Callable[[int, torch.Tensor], torch.Tensor]
+GROUPS = 8
+
+
+class GroupNorm8(nn.GroupNorm):
+    """GroupNorm with 8 groups (Wu & He's setting Sun et al. use), fewer where the channels do not divide: MONAI's UNet
+    also normalizes its last up-convolution, of as many channels as classes."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__(math.gcd(GROUPS, num_channels), num_channels, eps, affine)
+
+
+if "GROUP8" not in Norm.names:
+    Norm.add_factory_callable("GROUP8", lambda dims: GroupNorm8)
+NORMS = {"batch": Norm.BATCH, "instance": (Norm.INSTANCE, {"affine": True}), "group": "GROUP8"}
 
 
 def _levels(unet: UNet) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -32,20 +50,29 @@ def _levels(unet: UNet) -> tuple[list[nn.Module], list[nn.Module]]:
 
 
 class UNetModel(Architecture):
-    """MONAI 2D UNet with BatchNorm: 4 levels (16-128 channels), 2 residual units per level (the `unet` backbone).
+    """MONAI UNet: 4 levels (16-128 channels), 2 residual units per level (the `unet` backbone); 2D on slices or 3D
+    on volumes (`spatial_dims`); BatchNorm by default, InstanceNorm (affine) or GroupNorm (8 groups) with `norm`.
 
     `encode` returns the features of every encoder level (the last is the bottleneck, 1/8 of the input size)
-    and `decode` maps them to logits, so auxiliary heads and adaptors can tap the levels; `forward` equals
-    MONAI's own forward.
+    and `decode` maps them to logits, so auxiliary heads and adaptors can tap the levels; `logits` equals
+    MONAI's own forward. A 3D model given its training `window` (`use_window`) runs `forward` on a volume of
+    another shape by sliding windows (`medtta.models.volumetric`).
     """
 
-    defaults: ClassVar[dict[str, Any]] = {}
+    defaults: ClassVar[dict[str, Any]] = {"spatial_dims": 2, "norm": "batch"}
     channels: ClassVar[tuple[int, ...]] = (16, 32, 64, 128)
 
     def __init__(self, in_channels: int, n_classes: int, **config: Any) -> None:
         super().__init__(in_channels, n_classes, **config)
-        self.backbone = UNet(spatial_dims=2, in_channels=in_channels, out_channels=n_classes, channels=self.channels,
-                             strides=(2,) * (len(self.channels) - 1), num_res_units=2, norm=Norm.BATCH)
+        dims, norm = self.config.get("spatial_dims", 2), self.config.get("norm", "batch")
+        if dims not in (2, 3):
+            raise RegistryError(f"architecture config spatial_dims must be 2 or 3, got {dims!r}")
+        if norm not in NORMS:
+            raise RegistryError(f"architecture config norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        self.spatial_dims = dims
+        self.window: Window | None = None
+        self.backbone = UNet(spatial_dims=dims, in_channels=in_channels, out_channels=n_classes, channels=self.channels,
+                             strides=(2,) * (len(self.channels) - 1), num_res_units=2, norm=NORMS[norm])
         # plain lists: the blocks stay registered once, under `backbone`
         self.encoder_blocks, self.decoder_blocks = _levels(self.backbone)
 
@@ -70,9 +97,19 @@ class UNetModel(Architecture):
             outputs.append(x)
         return outputs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on one input as it is (a batch of slices or of patches)."""
         return self.decode(self.encode(x))
 
+    def use_window(self, window: Window | None) -> None:
+        """The 3D patch the network was trained on: `forward` slides it over volumes of any other shape."""
+        self.window = window if self.spatial_dims == 3 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.window is not None and tuple(x.shape[2:]) != self.window:
+            return sliding_window_logits(self, self.logits, x, self.window)
+        return self.logits(x)
+
     def parts(self) -> dict[str, list[nn.Parameter]]:
-        return {"norm": batchnorm_params(self.backbone), "encoder": params_of(self.encoder_blocks),
+        return {"norm": norm_params(self.backbone), "encoder": params_of(self.encoder_blocks),
                 "decoder": params_of(self.decoder_blocks)}

@@ -129,6 +129,8 @@ class Bundle:
         m = self.manifest
         model = build_network(m["architecture"], m["in_channels"], m["n_classes"], **m["config"])
         model.load_state_dict(load_file(str(self.root / m["files"]["weights"]["file"])), strict=True)
+        if self.preprocessing.dims == 3:
+            model.use_window(self.preprocessing.patch_shape)
         return model.to(device).eval()
 
     def record(self) -> dict[str, Any]:
@@ -144,6 +146,9 @@ class Bundle:
             raise BundleError(f"--methods {method}: adapts architecture '{adapts}', but bundle {self.root} "
                               f"holds '{self.architecture}'; export one with `medtta export --architecture "
                               f"{cls.architecture}` and evaluate {method} with it")
+        if self.preprocessing.dims not in cls.spatial_dims:
+            raise BundleError(f"--methods {method}: adapts {' and '.join(f'{d}D' for d in cls.spatial_dims)} "
+                              f"networks, but bundle {self.root} holds a {self.preprocessing.dims}D one")
         if cls.statistics and cls.statistics not in self.manifest["files"]["statistics"]:
             raise BundleError(f"--methods {method}: needs the source statistics '{cls.statistics}', which bundle "
                               f"{self.root} does not ship; export it again with the package that provides {method} "

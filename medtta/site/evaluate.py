@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from medtta.data.layout import Volume, read_dataset_json
-from medtta.data.preprocess import image_slices, to_native
+from medtta.data.preprocess import image_input, to_native
 from medtta.engine import (
     CaseLog,
     adapt_and_predict,
@@ -156,7 +156,7 @@ class SiteEvaluation:
         c, labels = self.config, self.bundle.scored_labels
         placeholder = volume.label if volume.label is not None else np.zeros(volume.image.shape, np.uint8)
         as_volume = Volume(volume.case_id, volume.image, placeholder, volume.spacing)  # to_native reads its shape
-        x = image_slices(as_volume, self.prep).to(self.device)
+        x = image_input(as_volume, self.prep).to(self.device)
         predictions = {SOURCE: timed(lambda: predict_unadapted(model, x, c.batch_size), self.device)}
         for method, adapter in adapters.items():
             steps = ADAPTERS.get(method).default_steps if c.steps is None else c.steps

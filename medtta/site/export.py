@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from medtta.engine import SourcePredictions, prepare_dataset, resolve_device
+from medtta.engine import SourcePredictions, network_dims, prepare_dataset, resolve_device
 from medtta.models.training import load_statistics, source_model
 from medtta.paths import results_root
 from medtta.protocol import Protocol
@@ -20,7 +20,8 @@ def export_bundle(protocol: Protocol, out: Path, architecture: str = "unet", see
     """Train or load the source model of `protocol` for `architecture`, with the source statistics of every
     registered adapter of that architecture, measure its in-domain Dice and write the bundle into `out`.
     Returns the bundle's manifest."""
-    ARCHITECTURES.get(architecture).check_config(arch_config or {})
+    protocol, arch_config = network_dims(protocol, arch_config or {}, architecture)
+    ARCHITECTURES.get(architecture).check_config(arch_config)
     if epochs is not None:
         protocol = dataclasses.replace(protocol, training=dataclasses.replace(protocol.training, epochs=epochs))
     torch_device = resolve_device(device)

@@ -207,8 +207,8 @@ def test_adapting_at_the_source_site_does_no_harm(method: str, setting: str, tra
     torch.manual_seed(0)
     for volume in source.source_tests():
         with torch.no_grad():
-            unadapted.append(dice(source.model(volume.slices), volume))
-        adapted.append(dice(adapt_and_predict(adapter, volume.slices, setting, cls.default_steps, 32), volume))
+            unadapted.append(dice(source.model(volume.x), volume))
+        adapted.append(dice(adapt_and_predict(adapter, volume.x, setting, cls.default_steps, 32), volume))
     before, after = sum(unadapted) / len(unadapted), sum(adapted) / len(adapted)
     assert before > 0.6, f"the source model is not trained enough for the check: Dice {before:.3f}"
     assert after >= before - HARM_TOLERANCE, f"{method} ({setting}) lowers source-site Dice {before:.3f} -> {after:.3f}"

@@ -17,7 +17,7 @@ def test_one_mean_teacher_step_moves_the_student_by_its_learning_rate(trained_so
     Adam's first step moves (nearly) every weight by about lr."""
     source = trained_sources("unet")
     adapter = create_adapter("mean-teacher", copy.deepcopy(source.model), source.record)
-    batch = source.source_tests()[0].slices
+    batch = source.source_tests()[0].x
     torch.manual_seed(0)
     with torch.enable_grad():
         adapter.objective(batch)[0].backward()
@@ -36,9 +36,9 @@ def test_cotta_predicts_its_pseudo_label(trained_sources) -> None:
     included), where it is sure the teacher's plain prediction; a confidence threshold above 1 makes every pixel
     unsure, one of 0 every pixel sure."""
     source = trained_sources("unet")
-    batch = source.source_tests()[1].slices
+    batch = source.source_tests()[1].x
     unsure = create_adapter("cotta", copy.deepcopy(source.model), source.record, confidence=1.01)
-    views = [View(), *unsure.views]
+    views = [View(), *unsure.views[2]]
     with torch.no_grad():
         averaged = mean_probabilities(unsure.teacher, batch, views)
         plain = unsure.teacher(batch).softmax(1)

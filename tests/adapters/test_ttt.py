@@ -15,7 +15,7 @@ from medtta.models.ttt import random_flips
 
 
 def _validation_slices(source) -> torch.Tensor:
-    return torch.cat([source.volumes.get(case).slices for case in source.dataset.cases_of("A", "val")])
+    return torch.cat([source.volumes.get(case).x for case in source.dataset.cases_of("A", "val")])
 
 
 def test_random_flips_only_mirror_left_right() -> None:

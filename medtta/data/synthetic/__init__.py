@@ -8,10 +8,11 @@ from pathlib import Path
 from types import ModuleType
 
 from medtta.data.layout import append_manifest, manifest_row, read_sites_csv
-from medtta.data.synthetic import abdomen, cardiac, retina
+from medtta.data.synthetic import abdomen, abdomen3d, cardiac, retina
 from medtta.errors import ProtocolError
 
-GENERATORS: dict[str, ModuleType] = {"cardiac-cine": cardiac, "abdomen-ct": abdomen, "retina-oct": retina}
+GENERATORS: dict[str, ModuleType] = {"cardiac-cine": cardiac, "abdomen-ct": abdomen, "abdomen-ct3d": abdomen3d,
+                                     "retina-oct": retina}
 _STAMP = "generator.json"
 
 
