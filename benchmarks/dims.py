@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from math import nan
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -64,9 +65,8 @@ def site_table(sites: dict, methods: tuple[str, ...], dims: list[str], targets: 
     for method in methods:
         for d in dims:
             cells = [sites.get((method, d, s)) for s in targets]
-            rows.append([method, f"{d}D", *("-" if c is None else
-                                          f"{c['dice_source']:.3f} -> {c['dice']:.3f} ({c['dice_recovery']:+.3f})"
-                                          for c in cells)])
+            rows.append([method, f"{d}D", *("-" if c is None else f"{c['dice_source']:.3f} -> {c['dice']:.3f} "
+                                          f"({c.get('dice_recovery', nan):+.3f})" for c in cells)])
     return format_table(["method", "dims", *(f"site {s}: source -> adapted (recovery)" for s in targets)], rows)
 
 

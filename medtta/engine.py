@@ -311,10 +311,11 @@ class CaseLog:
 QUALITATIVE_CASES = 4
 
 
-def run_name(method: str, protocol: str, seed: int, setting: str, config: str = "default") -> str:
-    """How a parent run reads in the MLflow runs table, e.g. `tent · synth-mri · seed 0 · lr=0.01`."""
+def run_name(method: str, protocol: str, seed: int, setting: str, config: str = "default", dims: int = 2) -> str:
+    """How a parent run reads in the MLflow runs table, e.g. `tent · synth-mri · seed 0 · lr=0.01` (`· 3D` for a 3D
+    network)."""
     return " · ".join([method, protocol, f"seed {seed}", *([setting] if setting != "episodic" else []),
-                       *([config] if config != "default" else [])])
+                       *([config] if config != "default" else []), *(["3D"] if dims == 3 else [])])
 
 
 class Engine:
@@ -377,7 +378,8 @@ class Engine:
         p = self.protocol
         return {"medtta.method": self.config.method, "medtta.architecture": self.architecture_name,
                 "medtta.paradigm": self.adapter_cls.paradigm, "medtta.protocol": p.name, "medtta.modality": p.modality,
-                "medtta.setting": self.setting, "medtta.seed": self.config.seed, "medtta.site": p.source_site,
+                "medtta.setting": self.setting, "medtta.seed": self.config.seed,
+                "medtta.dims": p.preprocessing.dims, "medtta.site": p.source_site,
                 "medtta.cell": self.cell(), "medtta.config": self.config_tag(), "medtta.host": socket.gethostname(),
                 "medtta.pid": os.getpid()}
 
@@ -402,7 +404,7 @@ class Engine:
         source_tests = dataset.cases_of(p.source_site, "test")
         params = {**self.params(), "in_domain_cases": len(source_tests)}
         reset_peak_memory(self.device)
-        name = run_name(c.method, p.name, c.seed, self.setting, self.config_tag())
+        name = run_name(c.method, p.name, c.seed, self.setting, self.config_tag(), p.preprocessing.dims)
         with tracker.run(name, tags, params) as run_id:
             model, record, unadapted = self.source(dataset, volumes)
             tracker.log_metrics({"source_val_dice": record["val_dice"], "source_train_seconds": record["train_seconds"],

@@ -55,6 +55,9 @@ def test_a_3d_run_and_the_same_volumes_in_2d(protocol_3d: Path, results: Path) -
     assert all(0 <= r.data.metrics["dice"] <= 1 for r in parents)
     assert parents[0].data.params["patch_size"] == "32x32x8" and "patch_size" not in parents[1].data.params
     assert parents[0].data.tags["medtta.cell"] != parents[1].data.tags["medtta.cell"]
+    assert [r.data.tags["medtta.dims"] for r in parents] == ["3", "2"]
+    assert [r.data.tags["mlflow.runName"] for r in parents] == ["tent · tiny-ct3d · seed 0 · 3D",
+                                                                "tent · tiny-ct3d · seed 0"]
     checkpoints = sorted((results / "models" / "tiny-ct3d").glob("unet-A-*.pt"))
     assert len(checkpoints) == 2  # one model per dimension: the cache key holds it
 
