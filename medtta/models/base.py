@@ -116,10 +116,6 @@ def norm_params(module: nn.Module) -> list[nn.Parameter]:
     return [p for m in module.modules() if isinstance(m, NORM_LAYERS) and m.affine for p in (m.weight, m.bias)]
 
 
-def has_batchnorm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
 def batchnorm_params(module: nn.Module) -> list[nn.Parameter]:
     """Affine parameters of every BatchNorm layer (test-time replacements included: they subclass _BatchNorm)."""
     return [p for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
