@@ -30,6 +30,7 @@ affine says); values are rounded to whole HU and clipped to [-1024, 3071].
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -271,14 +272,17 @@ CASES = {"A": 36, "B": 10, "C": 10, "D": 10}
 SPLITS = {"A": [24, 4]}
 
 
-def render_case(site: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """One new subject at `site`: image, label and spacing."""
-    params = SITES[site]
+def render_case(site: str, rng: np.random.Generator, sites: dict[str, dict[str, float]] = SITES
+                ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """One new subject at `site` (of `sites`): image, label and spacing."""
+    params = sites[site]
     image, label = render(_subject(rng), params, rng)
     return image, label, (params["pixel"], params["pixel"], params["spacing"])
 
 
 def generate(root: Path, seed: int = 0, cases: dict[str, int] | None = None,
-             splits: dict[str, list[int]] | None = None) -> None:
+             splits: dict[str, list[int]] | None = None, name: str = "synth-ct",
+             sites: dict[str, dict[str, float]] = SITES) -> None:
     """Write the dataset into `root` (default: `CASES` subjects per site, `SPLITS` [train, val] counts)."""
-    write_phantoms(root, "synth-ct", LABELS, "CT", seed, cases or CASES, splits or SPLITS, render_case)
+    write_phantoms(root, name, LABELS, "CT", seed, cases or CASES, splits or SPLITS,
+                   partial(render_case, sites=sites))

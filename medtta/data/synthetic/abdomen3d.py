@@ -16,10 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from medtta.data.synthetic.abdomen import LABELS, _subject, render
-from medtta.data.synthetic.phantoms import write_phantoms
+from medtta.data.synthetic import abdomen
 
 VERSION = 1
 SITES: dict[str, dict[str, float]] = {
@@ -32,14 +29,7 @@ CASES = {"A": 24, "B": 6, "C": 6, "D": 6}
 SPLITS = {"A": [14, 4]}
 
 
-def render_case(site: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """One new subject at `site`: image, label and spacing."""
-    params = SITES[site]
-    image, label = render(_subject(rng), params, rng)
-    return image, label, (params["pixel"], params["pixel"], params["spacing"])
-
-
 def generate(root: Path, seed: int = 0, cases: dict[str, int] | None = None,
              splits: dict[str, list[int]] | None = None) -> None:
     """Write the dataset into `root` (default: `CASES` subjects per site, `SPLITS` [train, val] counts)."""
-    write_phantoms(root, "synth-ct3d", LABELS, "CT", seed, cases or CASES, splits or SPLITS, render_case)
+    abdomen.generate(root, seed, cases or CASES, splits or SPLITS, "synth-ct3d", SITES)
