@@ -26,7 +26,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from medtta.engine import Engine, RunConfig, prepare_dataset, run_name
+from medtta.engine import Engine, RunConfig, prepare_dataset, requested_dims, run_name
 from medtta.errors import MedttaError, MedttaWarning
 from medtta.metrics import mean
 from medtta.paths import results_root
@@ -180,7 +180,7 @@ def configurations(space: dict[str, tuple[Any, ...]]) -> list[tuple[tuple[str, A
 
 def runs_in_dims(method: str, protocol: Protocol, config: BenchConfig) -> bool:
     """Whether `method` adapts networks of the dimensions `protocol` runs in (`-a spatial_dims`, else its `dims`)."""
-    return config.run.arch_config.get("spatial_dims", protocol.preprocessing.dims) in ADAPTERS.get(method).spatial_dims
+    return requested_dims(protocol, config.run.arch_config) in ADAPTERS.get(method).spatial_dims
 
 
 def grid(config: BenchConfig) -> list[Cell]:
@@ -193,7 +193,7 @@ def grid(config: BenchConfig) -> list[Cell]:
 
 def left_out(config: BenchConfig) -> list[str]:
     """`method on protocol (3D)` for every pair the grid leaves out, the method adapting other dimensions only."""
-    return [f"{m} on {p.name} ({config.run.arch_config.get('spatial_dims', p.preprocessing.dims)}D)"
+    return [f"{m} on {p.name} ({requested_dims(p, config.run.arch_config)}D)"
             for p in config.protocols for m in config.methods if not runs_in_dims(m, p, config)]
 
 

@@ -153,12 +153,17 @@ def method_source_model(method: str, protocol: Protocol, dataset: Dataset, seed:
                         progress, cls.statistics_to_compute(), precision)
 
 
+def requested_dims(protocol: Protocol, arch_config: dict[str, Any]) -> Any:
+    """The network dimensions a run asks for: `-a spatial_dims`, else the protocol's `dims` (not yet checked)."""
+    return arch_config.get("spatial_dims", protocol.preprocessing.dims)
+
+
 def network_dims(protocol: Protocol, arch_config: dict[str, Any], architecture: str
                  ) -> tuple[Protocol, dict[str, Any]]:
     """The protocol and architecture config in the dimensions the network runs in: `-a spatial_dims`, else the
     protocol's `dims`; the architecture gets `spatial_dims` when it has that key. Fails when it is 2D only."""
-    arch_config = dict(arch_config)
-    dims = arch_config.pop("spatial_dims", protocol.preprocessing.dims)
+    dims = requested_dims(protocol, arch_config)
+    arch_config = {k: v for k, v in arch_config.items() if k != "spatial_dims"}
     if dims not in (2, 3):
         raise MedttaError(f"-a spatial_dims={dims}: expected 2 (slices) or 3 (volumes)")
     if "spatial_dims" in ARCHITECTURES.get(architecture).defaults:
@@ -177,7 +182,7 @@ def resolve_dims(protocol: Protocol, config: RunConfig, architecture: str) -> tu
     """`network_dims` for a run, which also fails when the method does not adapt networks of those dimensions, or
     needs BatchNorm and `-a norm` builds none; the batch size defaults to 32 slices or 2 patches."""
     cls = ADAPTERS.get(config.method)
-    dims = config.arch_config.get("spatial_dims", protocol.preprocessing.dims)
+    dims = requested_dims(protocol, config.arch_config)
     if dims in (2, 3) and dims not in cls.spatial_dims:
         raise MedttaError(f"{config.method} adapts {' and '.join(f'{d}D' for d in cls.spatial_dims)} networks, not "
                           f"{dims}D ({_dims_hint(protocol, dims)})")

@@ -178,8 +178,7 @@ class Adapter(nn.Module):
         (1, 1, D, H, W): `steps` passes of `patch_updates` updates on random patches."""
         for _ in range(steps):
             if x.dim() == 5:
-                for _ in range(self.patch_updates(x)):
-                    self.update(self.patches(x))
+                self.patch_pass(x)
                 continue
             for b in torch.split(x, batch_size):
                 self.update(b)
@@ -210,7 +209,7 @@ class Adapter(nn.Module):
         volume is predicted whole (sliding windows), then the model takes one pass of updates on its patches."""
         if x.dim() == 5:
             logits = self.predict(x)
-            self.adapt_online(x)
+            self.patch_pass(x)
             return logits
         if self.optimizer is None or not self.logits_in_objective:
             logits = self.predict(x)
@@ -218,8 +217,8 @@ class Adapter(nn.Module):
             return logits
         return self.update(x)
 
-    def adapt_online(self, x: torch.Tensor) -> None:
-        """The updates after predicting the 3D volume `x` online: one pass over its patches."""
+    def patch_pass(self, x: torch.Tensor) -> None:
+        """One pass over the 3D volume `x`: `patch_updates` updates, each on fresh random patches."""
         if self.optimizer is not None:
             for _ in range(self.patch_updates(x)):
                 self.update(self.patches(x))
