@@ -21,10 +21,14 @@ from medtta.models.unet import UNetModel
 
 
 def random_flips(x: torch.Tensor) -> torch.Tensor:
-    """Each slice flipped left-right at random, as both TTT papers augment (horizontal flips only: a flip up-down
-    as well would make a 180° rotation, so that the rotation task could not tell k from k + 2 quarter turns)."""
+    """Each slice mirrored at random along its first in-plane axis (H: the volume's x, the patient's left-right or
+    OCT's lateral axis, the one viewers show horizontally), as both TTT papers augment (horizontal flips only).
+
+    Mirroring the other axis (W: y, OCT's depth) would make a flip followed by a 180° rotation look like the
+    mirrored original wherever the anatomy is nearly symmetric left-right (OCT B-scans), so that the rotation task
+    could not tell k from k + 2 quarter turns."""
     flip = torch.rand(len(x), device=x.device) < 0.5
-    return torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
+    return torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-2), x)
 
 
 class AuxiliaryUNet(UNetModel):

@@ -18,13 +18,24 @@ def _validation_slices(source) -> torch.Tensor:
     return torch.cat([source.volumes.get(case).x for case in source.dataset.cases_of("A", "val")])
 
 
-def test_random_flips_only_mirror_left_right() -> None:
+def test_random_flips_only_mirror_the_lateral_axis() -> None:
     x = torch.randn(64, 1, 8, 8)
     torch.manual_seed(0)
     flipped = random_flips(x)
     same = (flipped == x).flatten(1).all(1)
-    mirrored = (flipped == x.flip(-1)).flatten(1).all(1)
+    mirrored = (flipped == x.flip(-2)).flatten(1).all(1)
     assert (same | mirrored).all() and same.any() and mirrored.any()
+
+
+def test_a_half_turn_of_a_layered_b_scan_never_looks_like_a_flipped_copy() -> None:
+    """An OCT B-scan (H lateral, W depth) with layers that change with depth only: a 180° rotation turns it upside
+    down, which no flip of the augmentation may do, or the rotation task cannot tell 0° from 180° (measured before
+    the fix: rotation accuracy 0.47-0.50 on synth-oct's source validation slices)."""
+    depth_profile = torch.linspace(0, 1, 8) ** 2
+    scan = depth_profile.expand(1, 1, 8, 8).clone()  # every A-scan alike: symmetric left-right
+    copies = random_flips(scan.expand(32, 1, 8, 8))
+    half_turns = torch.rot90(copies, 2, dims=(-2, -1))
+    assert not (half_turns[:, None] == copies[None]).flatten(2).all(2).any()
 
 
 def test_the_rotation_head_tells_the_four_rotations_apart_on_source_validation_slices(trained_sources) -> None:
