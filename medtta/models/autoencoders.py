@@ -46,11 +46,13 @@ class AutoencoderUNet(UNetModel):
     encoder 16 + decoder 16 at 1/2, encoder 32 + decoder 32 at 1/4, encoder 64 + bottom 128 at 1/8 (He et al. pair
     their last encoder level with the bottleneck too), then the logits; every level weighs 1.
 
-    The stage takes one source volume's slices per Adam step (He et al.: 2 slices per step, 20 epochs), so that
-    a small source site still gives the autoencoders many steps.
+    The stage takes `ae_batch_slices` random slices of one source volume per Adam step, every slice once per
+    epoch, as He et al.'s `train_*.sh` (`--batch-size=2`, 20 epochs of slices; here 30): one volume per step gave
+    the logits' autoencoder too few steps to learn CT's and OCT's logits, which then drove the adaptors off the
+    identity at test time.
     """
 
-    defaults: ClassVar[dict[str, Any]] = {"ae_epochs": 30, "ae_lr": 1e-3}
+    defaults: ClassVar[dict[str, Any]] = {"ae_epochs": 30, "ae_lr": 1e-3, "ae_batch_slices": 2}
 
     def __init__(self, in_channels: int, n_classes: int, **config: Any) -> None:
         super().__init__(in_channels, n_classes, **config)
@@ -79,8 +81,9 @@ class AutoencoderUNet(UNetModel):
         return torch.stack(self.reconstruction_losses(features)).sum()
 
     def post_training(self) -> list[Stage]:
-        return [Stage("autoencoders", self._autoencoder_loss, epochs=self.config["ae_epochs"],
-                      lr=self.config["ae_lr"], config_keys=("ae_epochs", "ae_lr"), volumes_per_batch=1)]
+        c = self.config
+        return [Stage("autoencoders", self._autoencoder_loss, epochs=c["ae_epochs"], lr=c["ae_lr"],
+                      config_keys=tuple(self.defaults), slices_per_batch=c["ae_batch_slices"])]
 
     def _autoencoder_loss(self, volumes: list[SourceVolume]) -> torch.Tensor:
         # Every slice, also those without foreground (He et al. skip those batches): at test time the

@@ -47,6 +47,9 @@ class Stage:
     the source data (a DAE's grid); what it fits must live in the module's state, which the stage checkpoint keeps,
     and what it returns goes into the stage record. `prepare`, when given, maps each train and val volume once, on
     the device, to what `loss` takes (what does not change across epochs, e.g. the DAE's clean label grids).
+
+    A step takes `volumes_per_batch` whole volumes, or, when `slices_per_batch` is given, that many random slices of
+    one volume (a 2D stage without `prepare`): every slice once per epoch, so a small site still gives many steps.
     """
 
     module: str
@@ -55,6 +58,7 @@ class Stage:
     lr: float
     config_keys: tuple[str, ...] = ()
     volumes_per_batch: int = 4
+    slices_per_batch: int | None = None
     setup: Callable[[list[SourceVolume]], dict[str, Any]] | None = None
     prepare: Callable[[SourceVolume], Any] | None = None
 

@@ -104,6 +104,15 @@ def _batches(n: int, size: int, rng: np.random.Generator, min_size: int = 1) -> 
         yield order[i : i + size]
 
 
+def _slice_batches(volumes: list[SourceVolume], size: int, rng: np.random.Generator) -> Iterator[SourceVolume]:
+    """Every slice of every volume once, `size` random slices of one volume at a time, the batches in random order
+    (slices of different volumes may differ in size)."""
+    batches = [(v, idx) for v, (images, _) in enumerate(volumes) for idx in _batches(len(images), size, rng)]
+    for b in rng.permutation(len(batches)):
+        v, idx = batches[b]
+        yield volumes[v][0][idx], volumes[v][1][idx]
+
+
 @torch.no_grad()
 def _validation_dice(model: nn.Module, data: SourceData, device: torch.device) -> float:
     """Mean volume Dice at the volumes' own resolution, as the engine measures it."""
@@ -174,6 +183,10 @@ def train_stage(model: Architecture, stage: Stage, data: SourceData, seed: int, 
         fetch = list
 
     def batch_losses(epoch: int) -> Iterator[torch.Tensor]:
+        if stage.slices_per_batch is not None:
+            for batch in _slice_batches(train, stage.slices_per_batch, rng):
+                yield stage.loss(fetch([batch]))
+            return
         for idx in _batches(len(train), stage.volumes_per_batch, rng):
             yield stage.loss(fetch([train[i] for i in idx]))
 

@@ -19,7 +19,7 @@ from medtta.data.synthetic.cardiac import generate
 from medtta.errors import RegistryError
 from medtta.models import ARCHITECTURES, build_network
 from medtta.models.norm_net import GaussianActivation, GaussianBump, Normalizer, squares_jigsaw
-from medtta.models.training import source_model
+from medtta.models.training import SourceData, source_model, train_stage
 from medtta.protocol import Training, resolve_protocol
 from medtta.registry import ADAPTERS
 
@@ -182,6 +182,26 @@ def test_changing_a_stage_setting_retrains_only_that_stage(tiny_source: tuple) -
     assert json.loads(network_file.with_suffix(".json").read_text())["val_dice"] == record["val_dice"]
     with pytest.raises(RegistryError, match="has no config key"):
         source_model(protocol, dataset, "unet-normalizer", 0, results, torch.device("cpu"), {"dea_epochs": 1})
+
+
+def test_the_autoencoders_step_on_two_slices_of_one_volume_every_slice_once_per_epoch(tiny_source: tuple) -> None:
+    """He et al.'s `--batch-size=2` of slices: a 3-volume site gives tens of Adam steps an epoch, not 3."""
+    protocol, dataset, _ = tiny_source
+    model = build_network("unet-autoencoders", 1, len(protocol.labels), ae_epochs=1)
+    (stage,) = model.post_training()
+    data = SourceData(protocol, dataset)
+    seen: list[torch.Tensor] = []
+
+    def recording_loss(volumes: list) -> torch.Tensor:
+        ((images, labels),) = volumes
+        if model.autoencoders.training:  # a training step, not the validation score of whole volumes
+            assert len(images) == len(labels) <= 2
+            seen.extend(images)
+        return stage.loss(volumes)
+
+    train_stage(model, dataclasses.replace(stage, loss=recording_loss), data, 0, torch.device("cpu"), progress=False)
+    slices = torch.cat([images for images, _ in data.volumes["train"]])
+    assert sorted(s.sum().item() for s in seen) == sorted(s.sum().item() for s in slices)  # each slice once
 
 
 def test_the_dae_grid_is_no_larger_than_the_source_volumes(tiny_source: tuple) -> None:
