@@ -78,7 +78,7 @@ class TrainedSource:
 
 #: small but real: DAE and autoencoders trained long enough to be a prior, SAM at 64 px
 TRAINED_CONFIG = {"unet-normalizer": {"dae_epochs": 20, "prior_size": [8, 32, 32]},
-                  "unet-autoencoders": {"ae_epochs": 10}, "sam-tiny": {"image_size": 64}}
+                  "unet-autoencoders": {"ae_epochs": 10, "ae_output_epochs": 30}, "sam-tiny": {"image_size": 64}}
 
 
 @pytest.fixture(scope="session")

@@ -140,7 +140,7 @@ def test_list_commands() -> None:
     code, out, _ = invoke("list", "architectures")
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
     assert {"bn-stats", "source", "tent"} <= set(rows["unet"][0].split(",")) and "norm-net" not in rows["unet"][0]
-    assert rows["unet-autoencoders"][:3] == ["ae-tta", "ae_epochs=30", "ae_lr=0.001"]
+    assert rows["unet-autoencoders"][:3] == ["ae-tta", "ae_epochs=30", "ae_output_epochs=90"]
     code, out, _ = invoke("list", "protocols")
     assert code == 0 and "synth-mri" in out and "A -> B, C, D" in out
 

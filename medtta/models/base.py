@@ -49,7 +49,8 @@ class Stage:
     the device, to what `loss` takes (what does not change across epochs, e.g. the DAE's clean label grids).
 
     A step takes `volumes_per_batch` whole volumes, or, when `slices_per_batch` is given, that many random slices of
-    one volume (a 2D stage without `prepare`): every slice once per epoch, so a small site still gives many steps.
+    one volume (a 2D stage; with `prepare`, slices of each tensor it made of the volume): every slice once per epoch,
+    so a small site still gives many steps.
     """
 
     module: str

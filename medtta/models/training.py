@@ -33,10 +33,11 @@ from medtta.precision import autocast, grad_scaler
 from medtta.progress import progress_bar
 from medtta.protocol import Protocol
 
-TRAINING_VERSION = 7  # 3: auxiliary passes keep the BatchNorm running statistics; 4: the fused Gaussian of N;
+TRAINING_VERSION = 8  # 3: auxiliary passes keep the BatchNorm running statistics; 4: the fused Gaussian of N;
 # 5: N's Gaussian scales folded into its convs, the DAE grid no larger than the source volumes, the DAE's Dice loss
 # with the background; 6: TTT heads on horizontal flips only, TTT-MAE's per-patch normalized target, He et al.'s
-# output autoencoder; 7: TTT flips mirror the lateral axis (H), not depth (W)
+# output autoencoder; 7: TTT flips mirror the lateral axis (H), not depth (W); 8: He et al.'s output autoencoder
+# trained in a stage of its own, on logits computed once
 
 
 def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float,

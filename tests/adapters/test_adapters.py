@@ -185,7 +185,7 @@ KNOWN_HARM = {("ae-tta", "episodic"): "He et al.'s objective itself lowers sourc
               "0.811 -> 0.680 with autoencoders trained one volume per step (still failing with 2-slice steps); "
               "with 40-epoch autoencoders the logits loss alone gives 0.774, the feature "
               "losses alone 0.579, the image adaptor alone 0.778; lr 1e-4, ortho weight 10 or one pass still lose "
-              ">= 0.03; -0.017 on a 128 px model"}
+              ">= 0.03; -0.017 on a 128 px model; still failing with the output autoencoder in its own stage"}
 
 #: pairs whose measured cost on this small model exceeds `HARM_TOLERANCE` but stays bounded, with the bound they
 #: must keep. norm-net episodic: Karani's DAE, learnt from 6 label volumes, pulls the better-segmented volume towards

@@ -70,10 +70,10 @@ def test_autoencoders_tap_the_input_encoder_and_decoder_features_and_the_output(
     assert [tuple(f.shape[1:]) for f in features] == [(1, 64, 48), (32, 32, 24), (64, 16, 12), (192, 8, 6),
                                                       (4, 64, 48)]  # encoder + decoder channels per resolution
     assert torch.equal(features[0], x) and torch.equal(features[-1], model(x))
-    assert len(model.autoencoders) == len(model.reconstruction_losses(features)) == 5
+    assert len(model.autoencoders) + 1 == len(model.reconstruction_losses(features)) == 5
     with torch.no_grad():  # the output's autoencoder is part of the adaptation objective
         before = float(adapter.objective(x)[0])
-        model.autoencoders[-1].decode[-1].resunit.conv.unit0.conv.bias.add_(1.0)
+        model.output_autoencoder.decode[-1].resunit.conv.unit0.conv.bias.add_(1.0)
         assert float(adapter.objective(x)[0]) != pytest.approx(before)
 
 

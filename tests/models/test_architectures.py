@@ -24,8 +24,8 @@ from medtta.protocol import Training, resolve_protocol
 from medtta.registry import ADAPTERS
 
 # tiny stages: the DAE on a small grid, a few epochs
-TINY = {"unet-normalizer": {"dae_epochs": 2, "prior_size": [8, 32, 32]}, "unet-autoencoders": {"ae_epochs": 2},
-        "sam-tiny": {"image_size": 32}}
+TINY = {"unet-normalizer": {"dae_epochs": 2, "prior_size": [8, 32, 32]},
+        "unet-autoencoders": {"ae_epochs": 2, "ae_output_epochs": 2}, "sam-tiny": {"image_size": 32}}
 UNET_FAMILY = [name for name in ARCHITECTURES.list() if not name.startswith("sam-")]  # SAM is the exception
 TRAINABLE = [*UNET_FAMILY, "sam-tiny"]  # the sam-vit-* need a checkpoint (tests/models/test_sam_models.py)
 
@@ -184,24 +184,47 @@ def test_changing_a_stage_setting_retrains_only_that_stage(tiny_source: tuple) -
         source_model(protocol, dataset, "unet-normalizer", 0, results, torch.device("cpu"), {"dea_epochs": 1})
 
 
-def test_the_autoencoders_step_on_two_slices_of_one_volume_every_slice_once_per_epoch(tiny_source: tuple) -> None:
-    """He et al.'s `--batch-size=2` of slices: a 3-volume site gives tens of Adam steps an epoch, not 3."""
+def test_more_output_autoencoder_epochs_retrain_only_the_output_autoencoder(tiny_source: tuple) -> None:
+    """`-a ae_output_epochs` has its own stage: the network and the input and feature autoencoders come from the
+    cache, unchanged."""
+    protocol, dataset, results = tiny_source
+    first_model, first = source_model(protocol, dataset, "unet-autoencoders", 0, results, torch.device("cpu"),
+                                      TINY["unet-autoencoders"], progress=False)
+    config = {**TINY["unet-autoencoders"], "ae_output_epochs": 3}
+    model, record = source_model(protocol, dataset, "unet-autoencoders", 0, results, torch.device("cpu"), config,
+                                 progress=False)
+    stem = Path(first["checkpoint"]).stem
+    assert not record["cached"] and record["stages"]["autoencoders"] == first["stages"]["autoencoders"]
+    assert len(list(Path(first["checkpoint"]).parent.glob(f"{stem}.autoencoders-*.pt"))) == 1
+    assert len(list(Path(first["checkpoint"]).parent.glob(f"{stem}.output_autoencoder-*.pt"))) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first_model.autoencoders.state_dict().values(),
+                                                 model.autoencoders.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("stage_index", [0, 1], ids=["input-and-features", "output"])
+def test_the_autoencoders_step_on_two_slices_of_one_volume_every_slice_once_per_epoch(tiny_source: tuple,
+                                                                                       stage_index: int) -> None:
+    """He et al.'s `--batch-size=2` of slices: a 3-volume site gives tens of Adam steps an epoch, not 3; the
+    output's autoencoder sees the frozen network's logits of those slices."""
     protocol, dataset, _ = tiny_source
-    model = build_network("unet-autoencoders", 1, len(protocol.labels), ae_epochs=1)
-    (stage,) = model.post_training()
+    model = build_network("unet-autoencoders", 1, len(protocol.labels), ae_epochs=1, ae_output_epochs=1).eval()
+    stage = model.post_training()[stage_index]
+    module = getattr(model, stage.module)
     data = SourceData(protocol, dataset)
     seen: list[torch.Tensor] = []
 
     def recording_loss(volumes: list) -> torch.Tensor:
-        ((images, labels),) = volumes
-        if model.autoencoders.training:  # a training step, not the validation score of whole volumes
-            assert len(images) == len(labels) <= 2
-            seen.extend(images)
+        ((inputs, labels),) = volumes
+        if module.training:  # a training step, not the validation score of whole volumes
+            assert len(inputs) == len(labels) <= 2
+            seen.extend(inputs)
         return stage.loss(volumes)
 
     train_stage(model, dataclasses.replace(stage, loss=recording_loss), data, 0, torch.device("cpu"), progress=False)
     slices = torch.cat([images for images, _ in data.volumes["train"]])
-    assert sorted(s.sum().item() for s in seen) == sorted(s.sum().item() for s in slices)  # each slice once
+    with torch.no_grad():
+        expected = model(slices) if stage.prepare is not None else slices
+    assert sorted(s.sum().item() for s in seen) == pytest.approx(sorted(s.sum().item() for s in expected), abs=1e-3)
 
 
 def test_the_dae_grid_is_no_larger_than_the_source_volumes(tiny_source: tuple) -> None:
