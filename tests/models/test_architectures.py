@@ -167,38 +167,33 @@ def test_source_training_is_cached_per_network_and_stage(name: str, tiny_source:
         assert torch.equal(again.state_dict()[key], value), key
 
 
-def test_changing_a_stage_setting_retrains_only_that_stage(tiny_source: tuple) -> None:
+@pytest.mark.parametrize(("name", "change", "retrained"), [("unet-normalizer", {"dae_epochs": 3}, "dae"),
+                                                           ("unet-autoencoders", {"ae_output_epochs": 3},
+                                                            "output_autoencoder")])
+def test_changing_a_stage_setting_retrains_only_that_stage(tiny_source: tuple, name: str, change: dict,
+                                                           retrained: str) -> None:
+    """The network and every other stage (the input and feature autoencoders beside the output's) come from the
+    cache, unchanged."""
     protocol, dataset, results = tiny_source
-    config = {**TINY["unet-normalizer"], "dae_epochs": 3}
-    _, first = source_model(protocol, dataset, "unet-normalizer", 0, results, torch.device("cpu"),
-                            TINY["unet-normalizer"], progress=False)
+    first_model, first = source_model(protocol, dataset, name, 0, results, torch.device("cpu"), TINY[name],
+                                      progress=False)
     network_file = Path(first["checkpoint"])
     mtime = network_file.stat().st_mtime_ns
-    model, record = source_model(protocol, dataset, "unet-normalizer", 0, results, torch.device("cpu"), config,
+    model, record = source_model(protocol, dataset, name, 0, results, torch.device("cpu"), {**TINY[name], **change},
                                  progress=False)
     assert not record["cached"] and record["checkpoint"] == str(network_file)
     assert network_file.stat().st_mtime_ns == mtime  # the network came from its cache
-    assert len(list(network_file.parent.glob(f"{network_file.stem}.dae-*.pt"))) == 2
     assert json.loads(network_file.with_suffix(".json").read_text())["val_dice"] == record["val_dice"]
+    for stage in model.post_training():
+        files = list(network_file.parent.glob(f"{network_file.stem}.{stage.module}-*.pt"))
+        assert len(files) == (2 if stage.module == retrained else 1), stage.module
+        if stage.module != retrained:
+            assert record["stages"][stage.module] == first["stages"][stage.module]
+            assert all(torch.equal(a, b) for a, b in zip(getattr(first_model, stage.module).state_dict().values(),
+                                                         getattr(model, stage.module).state_dict().values(),
+                                                         strict=True))
     with pytest.raises(RegistryError, match="has no config key"):
-        source_model(protocol, dataset, "unet-normalizer", 0, results, torch.device("cpu"), {"dea_epochs": 1})
-
-
-def test_more_output_autoencoder_epochs_retrain_only_the_output_autoencoder(tiny_source: tuple) -> None:
-    """`-a ae_output_epochs` has its own stage: the network and the input and feature autoencoders come from the
-    cache, unchanged."""
-    protocol, dataset, results = tiny_source
-    first_model, first = source_model(protocol, dataset, "unet-autoencoders", 0, results, torch.device("cpu"),
-                                      TINY["unet-autoencoders"], progress=False)
-    config = {**TINY["unet-autoencoders"], "ae_output_epochs": 3}
-    model, record = source_model(protocol, dataset, "unet-autoencoders", 0, results, torch.device("cpu"), config,
-                                 progress=False)
-    stem = Path(first["checkpoint"]).stem
-    assert not record["cached"] and record["stages"]["autoencoders"] == first["stages"]["autoencoders"]
-    assert len(list(Path(first["checkpoint"]).parent.glob(f"{stem}.autoencoders-*.pt"))) == 1
-    assert len(list(Path(first["checkpoint"]).parent.glob(f"{stem}.output_autoencoder-*.pt"))) == 2
-    assert all(torch.equal(a, b) for a, b in zip(first_model.autoencoders.state_dict().values(),
-                                                 model.autoencoders.state_dict().values(), strict=True))
+        source_model(protocol, dataset, name, 0, results, torch.device("cpu"), {"dea_epochs": 1})
 
 
 @pytest.mark.parametrize("stage_index", [0, 1], ids=["input-and-features", "output"])
