@@ -197,11 +197,11 @@ def left_out(config: BenchConfig) -> list[str]:
             for p in config.protocols for m in config.methods if not runs_in_dims(m, p, config)]
 
 
-def engine_of(cell: Cell, config: BenchConfig) -> Engine:
+def engine_of(cell: Cell, config: BenchConfig, progress: bool = False) -> Engine:
     swept = dict(cell.config)
     steps = swept.pop("steps", config.run.steps)
     run = replace(config.run, method=cell.method, setting=cell.setting, seed=cell.seed, steps=steps,
-                  hparams={**config.hparams.get(cell.method, {}), **swept}, progress=False)
+                  hparams={**config.hparams.get(cell.method, {}), **swept}, progress=progress)
     return Engine(cell.protocol, run)
 
 
@@ -221,11 +221,12 @@ def _our_warnings() -> Iterator[list[str]]:
     messages += [str(w.message) for w in caught if issubclass(w.category, MedttaWarning)]
 
 
-def warm_source(cell: Cell, config: BenchConfig) -> Outcome:
+def warm_source(cell: Cell, config: BenchConfig, progress: bool = False) -> Outcome:
     """Train or load the source model `cell` adapts, and compute its unadapted predictions of every test case
-    the grid scores (and the in-domain Dice's): what every cell on that model shares."""
+    the grid scores (and the in-domain Dice's): what every cell on that model shares. `progress` shows the
+    training's epochs (only where the bars of several workers cannot interleave)."""
     start = time.perf_counter()
-    engine = engine_of(cell, config)
+    engine = engine_of(cell, config, progress)
     with _our_warnings() as messages:
         dataset, volumes = prepare_dataset(engine.protocol, engine.cache, progress=False)
         _, _, unadapted = engine.source(dataset, volumes)
@@ -380,9 +381,11 @@ def bench(config: BenchConfig, progress: bool = True, echo: Callable[[str], None
         if outcome.status == "failed":
             bar.write(f"{outcome.cell.name}: FAILED: {outcome.error}")
 
+    in_process = progress and config.workers <= 1 and config.executor == "local"
     with progress_bar(total=len(sources), desc="source models", unit="model",
                       disable=not progress or not sources) as bar:
-        for outcome in execute(warm_source, [(c, config) for c in sources], config.workers, config.executor):
+        tasks = [(c, config, in_process) for c in sources]
+        for outcome in execute(warm_source, tasks, config.workers, config.executor):
             show(outcome, bar)
             bar.update()
     prepare_seconds = time.perf_counter() - start

@@ -19,9 +19,9 @@ from medtta.cli.main import main
 from medtta.engine import RunConfig
 
 
-def bench(dataset: Path, results: Path, *extra: str, store: Path | None = None) -> tuple[int, str]:
+def bench(dataset: Path, results: Path, *extra: str, store: Path | None = None, quiet: bool = True) -> tuple[int, str]:
     args = ["bench", "--datasets", str(dataset), "--source-site", "A", "--epochs", "2", "--results", str(results),
-            "-q", *extra]
+            *(["-q"] if quiet else []), *extra]
     if store is not None:
         store.mkdir(parents=True, exist_ok=True)
         args += ["--tracking-uri", f"sqlite:///{store / 'mlflow.db'}"]
@@ -137,6 +137,14 @@ def test_two_workers_give_the_same_numbers_as_one(dataset: Path, results: Path, 
     one = {r.data.tags["medtta.method"]: r.data.metrics for r in parents(results) if r.data.tags["medtta.seed"] == "0"}
     for method in ("source", "bn-stats"):
         assert two[method]["dice"] == one[method]["dice"]
+
+
+def test_one_worker_shows_the_source_training_epochs(dataset: Path, tmp_path: Path) -> None:
+    """A source model can train for an hour before the first cell: its epochs show, as in `medtta run`."""
+    code, out = bench(dataset, tmp_path / "results", "--methods", "source", quiet=False)
+    assert code == 0, out
+    assert re.search(r"training \w+ on site A: 2/2 epoch", out), out
+    assert "source models: 1/1 model" in out
 
 
 def test_ray_executor_runs_cells_as_ray_tasks(dataset: Path, results: Path, tmp_path: Path) -> None:
