@@ -381,10 +381,10 @@ def bench(config: BenchConfig, progress: bool = True, echo: Callable[[str], None
         if outcome.status == "failed":
             bar.write(f"{outcome.cell.name}: FAILED: {outcome.error}")
 
-    in_process = progress and config.workers <= 1 and config.executor == "local"
+    training_progress = progress and config.workers <= 1 and config.executor == "local"
     with progress_bar(total=len(sources), desc="source models", unit="model",
                       disable=not progress or not sources) as bar:
-        tasks = [(c, config, in_process) for c in sources]
+        tasks = [(c, config, training_progress) for c in sources]
         for outcome in execute(warm_source, tasks, config.workers, config.executor):
             show(outcome, bar)
             bar.update()
