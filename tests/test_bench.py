@@ -131,12 +131,14 @@ def test_a_failed_cell_is_reported_and_the_grid_goes_on(dataset: Path, results: 
 
 
 def test_two_workers_give_the_same_numbers_as_one(dataset: Path, results: Path, tmp_path: Path) -> None:
-    code, out = bench(dataset, results, "--methods", "source,bn-stats", "--workers", "2", store=tmp_path / "store")
-    assert code == 0, out
-    two = {r.data.tags["medtta.method"]: r.data.metrics for r in parents(tmp_path / "store")}
-    one = {r.data.tags["medtta.method"]: r.data.metrics for r in parents(results) if r.data.tags["medtta.seed"] == "0"}
-    for method in ("source", "bn-stats"):
-        assert two[method]["dice"] == one[method]["dice"]
+    def dice_by_method(workers: str) -> dict[str, float]:
+        store = tmp_path / f"workers-{workers}"
+        code, out = bench(dataset, results, "--methods", "source,bn-stats", "--workers", workers, store=store)
+        assert code == 0, out
+        return {r.data.tags["medtta.method"]: r.data.metrics["dice"] for r in parents(store)}
+
+    two = dice_by_method("2")
+    assert two.keys() == {"source", "bn-stats"} and two == dice_by_method("1")
 
 
 def test_one_worker_shows_the_source_training_epochs(dataset: Path, tmp_path: Path) -> None:
