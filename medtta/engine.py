@@ -27,6 +27,7 @@ from medtta.adapters.sar import pixel_entropy
 from medtta.data.cache import PreparedVolume, VolumeCache, digest, save_atomic, validated_checksums
 from medtta.data.datasets import Dataset, open_dataset
 from medtta.data.layout import Case, load_volume
+from medtta.data.plans import plan_3d
 from medtta.data.preprocess import to_native
 from medtta.errors import MedttaError, MedttaWarning
 from medtta.metrics import collapse_reason, foreground_voxels, mean, volume_dice, volume_metrics
@@ -58,6 +59,7 @@ class RunConfig:
     seed: int = 0
     steps: int | None = None  # None: the method's default
     batch_size: int | None = None  # slices per batch (a batch never mixes volumes), 3D: patches; None: 32, 3D: 2
+    patch_updates: int | None = None  # 3D: updates per pass over a volume; None: one per batch of its windows' count
     hparams: dict[str, Any] = field(default_factory=dict)
     arch_config: dict[str, Any] = field(default_factory=dict)  # overrides of the architecture's defaults
     architecture: str | None = None  # None: the method's default (one of `Adapter.architectures()`)
@@ -96,6 +98,8 @@ class RunResult:
     tracking_uri: str
     results: Path
     source_site: SiteResult | None = None  # the source-site check, when `config.source_site_check`
+    metrics: dict[str, float] = field(default_factory=dict)  # the parent run's: cost ratio, peak memory, ...
+    device: str = "cpu"  # where it ran (what peak memory measures)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,7 +184,7 @@ def _dims_hint(protocol: Protocol, dims: int) -> str:
 
 def resolve_dims(protocol: Protocol, config: RunConfig, architecture: str) -> tuple[Protocol, RunConfig]:
     """`network_dims` for a run, which also fails when the method does not adapt networks of those dimensions, or
-    needs BatchNorm and `-a norm` builds none; the batch size defaults to 32 slices or 2 patches."""
+    of the normalization `-a norm` builds; the batch size defaults to 32 slices or 2 patches."""
     cls = ADAPTERS.get(config.method)
     dims = requested_dims(protocol, config.arch_config)
     if dims in (2, 3) and dims not in cls.spatial_dims:
@@ -188,9 +192,9 @@ def resolve_dims(protocol: Protocol, config: RunConfig, architecture: str) -> tu
                           f"{dims}D ({_dims_hint(protocol, dims)})")
     protocol, arch_config = network_dims(protocol, config.arch_config, architecture)
     norm = {**ARCHITECTURES.get(architecture).defaults, **arch_config}.get("norm", "batch")
-    if cls.needs_batchnorm and norm != "batch":
-        raise MedttaError(f"{config.method} needs a model with BatchNorm layers: -a norm={norm} builds none "
-                          "(use -a norm=batch)")
+    refusal = cls.norm_refusal(norm)
+    if refusal:
+        raise MedttaError(f"{config.method} {refusal} (use -a norm={cls.norms[0]})")
     batch_size = config.batch_size or (32 if protocol.preprocessing.dims == 2 else 2)
     return protocol, dataclasses.replace(config, arch_config=arch_config, batch_size=batch_size)
 
@@ -347,6 +351,7 @@ class Engine:
         if config.epochs is not None:
             training = dataclasses.replace(protocol.training, epochs=config.epochs)
             self.protocol = dataclasses.replace(protocol, training=training)
+        self.protocol = plan_3d(self.protocol)  # before `params()` and `cell()`, which hold the planned values
 
     def params(self) -> dict[str, Any]:
         p, c = self.protocol, self.config
@@ -357,7 +362,8 @@ class Engine:
                 "train_epochs": p.training.epochs, "train_lr": p.training.lr,
                 "input_size": "x".join(map(str, p.preprocessing.size)), "input_spacing": p.preprocessing.spacing,
                 **({"patch_size": "x".join(map(str, p.preprocessing.patch)),
-                    "slice_spacing": p.preprocessing.slice_spacing} if p.preprocessing.dims == 3 else {}),
+                    "slice_spacing": p.preprocessing.slice_spacing, "train_batch_size": p.training.batch_size,
+                    "patch_updates": c.patch_updates or "windows"} if p.preprocessing.dims == 3 else {}),
                 "source_site_check": c.source_site_check, "precision": self.precision, **self._stream_params(),
                 **{f"hp.{k}": v for k, v in hparams.items()},
                 **{f"arch.{k}": v for k, v in {**self.architecture.defaults, **c.arch_config}.items()}}
@@ -420,7 +426,7 @@ class Engine:
             seed_everything(c.seed)
             adapter = create_adapter(c.method, copy.deepcopy(model), record, **c.hparams).to(self.device)
             adapter.use_precision(self.precision, self.device)
-            adapter.patches_per_update = c.batch_size
+            adapter.patches_per_update, adapter.updates_per_pass = c.batch_size, c.patch_updates
             out_dir = self.results / "runs" / p.name / run_id
             cases = {site: dataset.cases_of(site, "test") for site in p.target_sites}
             stream = target_stream(self.setting, cases, c.seed, c.rounds, c.site_order)
@@ -430,7 +436,8 @@ class Engine:
             if check is not None:
                 metrics["source_site_harm"] = check.summary["source_site_harm"]
             tracker.log_metrics(metrics)
-        return RunResult(p, c, self.setting, in_domain, len(source_tests), sites, run_id, uri, out_dir, check)
+        return RunResult(p, c, self.setting, in_domain, len(source_tests), sites, run_id, uri, out_dir, check, metrics,
+                         self.device.type)
 
     def _source_site_check(self, dataset: Dataset, unadapted: SourcePredictions, adapter: Adapter, tracker: Tracker,
                            tags: dict[str, Any], out_dir: Path) -> SiteResult | None:

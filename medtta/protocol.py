@@ -15,6 +15,7 @@ from medtta.streams import SETTINGS
 MODALITIES = ("MRI", "CT", "OCT")
 DIVISOR = 8  # a UNet input side must be a multiple of this (three stride-2 levels)
 INTENSITY_SCHEMES = {"MRI": "mr", "CT": "ct", "OCT": "oct"}  # the default normalization of each modality
+PATCH_BATCH = 2  # 3D source training of a slice protocol: patches per batch, as nnU-Net's 3d_fullres trains
 
 
 def protocols_dir() -> Path:
@@ -37,7 +38,8 @@ class Preprocessing:
     slice_axis: int = 2  # the array axis (x, y, z as loaded) a 3D volume is cut along: its acquisition plane
     dims: int = 2  # 2: the network sees slices; 3: the volume (its slices stacked, see `slice_spacing`)
     patch_size: tuple[int, int, int] | None = None  # 3D: training patch and sliding window, in-plane then depth
-    slice_spacing: float | None = None  # 3D: mm between slices the volume is resampled to (None: as acquired)
+    slice_spacing: float | None = None  # 3D: mm between slices the volume is resampled to
+    # (a run plans either when None, from the source site's volumes: `medtta.data.plans`)
 
     @property
     def patch(self) -> tuple[int, int, int]:
@@ -87,8 +89,13 @@ class Protocol:
         return {n: self.labels[n] for n in names}
 
     def with_dims(self, dims: int) -> Protocol:
-        """A copy whose network sees slices (2) or volumes (3)."""
-        return dataclasses.replace(self, preprocessing=dataclasses.replace(self.preprocessing, dims=dims))
+        """A copy whose network sees slices (2) or volumes (3). A slice protocol run on volumes trains on batches
+        of `PATCH_BATCH` patches: its `training.batch_size` counts slices (`medtta.data.plans` plans the rest)."""
+        training = self.training
+        if self.preprocessing.dims == 2 and dims == 3:
+            training = dataclasses.replace(training, batch_size=PATCH_BATCH)
+        return dataclasses.replace(self, preprocessing=dataclasses.replace(self.preprocessing, dims=dims),
+                                   training=training)
 
     def with_sites(self, source_site: str | None, target_sites: tuple[str, ...] | None) -> Protocol:
         """A copy with another source site and/or target sites (targets default to the other sites)."""

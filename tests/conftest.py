@@ -17,6 +17,7 @@ import torch
 
 from medtta.data.cache import PreparedVolume, VolumeCache
 from medtta.data.layout import Dataset
+from medtta.data.synthetic.abdomen3d import generate as generate_ct3d
 from medtta.data.synthetic.cardiac import generate
 from medtta.engine import prepare_dataset
 from medtta.errors import MedttaWarning
@@ -81,6 +82,27 @@ TRAINED_CONFIG = {"unet-normalizer": {"dae_epochs": 20, "prior_size": [8, 32, 32
                   "unet-autoencoders": {"ae_epochs": 10, "ae_output_epochs": 30}, "sam-tiny": {"image_size": 64}}
 
 
+def _trainer(protocol: Protocol, root: Path, config: dict[str, dict[str, Any]]
+             ) -> Callable[..., TrainedSource]:
+    """`get(architecture, **arch_config)`: a source model of `protocol` trained on first use (with `config`'s
+    settings of the architecture), then the same object."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MedttaWarning)  # 2 source test cases: fine for a test
+        dataset, volumes = prepare_dataset(protocol, root / "cache", progress=False)
+    trained: dict[tuple, TrainedSource] = {}
+
+    def get(architecture: str, **arch_config: Any) -> TrainedSource:
+        key = (architecture, *sorted(arch_config.items()))
+        if key not in trained:
+            model, record = source_model(protocol, dataset, architecture, 0, root / "results", torch.device("cpu"),
+                                         {**config.get(architecture, {}), **arch_config}, progress=False,
+                                         statistics=_statistics_of(architecture))
+            trained[key] = TrainedSource(model, record, protocol, dataset, volumes)
+        return trained[key]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def trained_sources(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], TrainedSource]:
     """`trained_sources(architecture)`: a source model trained once per test session (on first use) on a generated
@@ -88,22 +110,28 @@ def trained_sources(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str],
     root = tmp_path_factory.mktemp("trained")
     generate(root / "cardiac", seed=1, cases={"A": 10, "B": 1}, splits={"A": [6, 2]})
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MedttaWarning)  # 2 source test cases: fine for a test
+        warnings.simplefilter("ignore", MedttaWarning)
         protocol = resolve_protocol(str(root / "cardiac"), "A")
-        protocol = dataclasses.replace(protocol, training=Training(epochs=40, batch_size=8),
-                                       preprocessing=dataclasses.replace(protocol.preprocessing, size=(64, 64)))
-        dataset, volumes = prepare_dataset(protocol, root / "cache", progress=False)
-    trained: dict[str, TrainedSource] = {}
+    protocol = dataclasses.replace(protocol, training=Training(epochs=40, batch_size=8),
+                                   preprocessing=dataclasses.replace(protocol.preprocessing, size=(64, 64)))
+    return _trainer(protocol, root, TRAINED_CONFIG)
 
-    def get(architecture: str) -> TrainedSource:
-        if architecture not in trained:
-            model, record = source_model(protocol, dataset, architecture, 0, root / "results", torch.device("cpu"),
-                                         TRAINED_CONFIG.get(architecture), progress=False,
-                                         statistics=_statistics_of(architecture))
-            trained[architecture] = TrainedSource(model, record, protocol, dataset, volumes)
-        return trained[architecture]
 
-    return get
+@pytest.fixture(scope="session")
+def trained_sources_3d(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], TrainedSource]:
+    """`trained_sources_3d(norm)`: a 3D `unet` (`-a norm`) trained once per test session (on first use) on a small
+    generated synth-ct3d, site A 8 volumes (5 train, 1 val, 2 test) of 32 x 32 x ~25 voxels (12 mm in-plane, 6 mm
+    along z), on 32 x 32 x 16 patches (three windows along z), 80 epochs: in-domain Dice about 0.75."""
+    root = tmp_path_factory.mktemp("trained3d")
+    generate_ct3d(root / "ct3d", seed=1, cases={"A": 8, "B": 1}, splits={"A": [5, 1]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MedttaWarning)
+        protocol = resolve_protocol(str(root / "ct3d"), "A")
+    prep = dataclasses.replace(protocol.preprocessing, dims=3, size=(32, 32), spacing=(12.0, 12.0), slice_spacing=6.0,
+                               patch_size=(32, 32, 16))
+    protocol = dataclasses.replace(protocol, preprocessing=prep, training=Training(epochs=80, batch_size=2, lr=2e-3))
+    get = _trainer(protocol, root, {})
+    return lambda norm="batch", architecture="unet": get(architecture, spatial_dims=3, norm=norm)
 
 
 def _statistics_of(architecture: str) -> dict[str, Any]:

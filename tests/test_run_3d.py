@@ -38,7 +38,7 @@ def run_3d(protocol: Path, results: Path, *extra: str) -> tuple[int, str]:
 
 def test_the_built_in_3d_protocol_runs_volumes() -> None:
     prep = load_protocol(Path(__file__).parents[1] / "protocols" / "synth-ct3d.yaml").preprocessing
-    assert prep.dims == 3 and prep.patch_shape == (24, 48, 48)
+    assert prep.dims == 3 and prep.patch_shape == (16, 48, 48)
 
 
 def test_a_3d_run_and_the_same_volumes_in_2d(protocol_3d: Path, results: Path) -> None:
@@ -65,7 +65,8 @@ def test_a_3d_run_and_the_same_volumes_in_2d(protocol_3d: Path, results: Path) -
 @pytest.mark.parametrize(("extra", "message"), [
     (["--method", "vptta"], "vptta adapts 2D networks, not 3D (-a spatial_dims=2 runs it on slices)"),
     (["--method", "sam-lora"], "sam-lora adapts 2D networks, not 3D"),
-    (["--method", "tent", "-a", "norm=group"], "tent needs a model with BatchNorm layers: -a norm=group builds none"),
+    (["--method", "bn-stats", "-a", "norm=group"],
+     "bn-stats adapts BatchNorm networks: -a norm=group builds GroupNorm ones (use -a norm=batch)"),
     (["--method", "tent", "-a", "spatial_dims=4"], "-a spatial_dims=4: expected 2 (slices) or 3 (volumes)"),
 ])
 def test_what_cannot_run_in_3d_is_refused_naming_the_option(protocol_3d: Path, tmp_path: Path, extra: list[str],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from typing import Any, ClassVar
 
 import torch
@@ -17,9 +18,11 @@ from torch import nn
 
 from medtta.errors import MedttaError
 from medtta.models.base import SourceStatistics, SourceVolume
-from medtta.models.volumetric import random_patches
+from medtta.models.volumetric import random_patches, window_count
 from medtta.precision import grad_scaler
 from medtta.registry import check_keys
+
+NORM_LAYERS = {"batch": "BatchNorm", "instance": "InstanceNorm", "group": "GroupNorm"}  # what `-a norm` builds
 
 PARADIGMS = ("input", "feature", "output", "prior", "none")
 """What an adapter changes, after the MedSeg-TTA benchmark (arXiv 2512.02497): the input, the features, the output
@@ -55,8 +58,10 @@ class Adapter(nn.Module):
     own_criterion: ClassVar[str] = ""
     #: the networks the method adapts: 2D (slices) and/or 3D (volumes; `medtta.models.volumetric`)
     spatial_dims: ClassVar[tuple[int, ...]] = (2,)
-    #: the method normalizes with test-batch statistics: a model without BatchNorm (`-a norm=...`) is refused
-    needs_batchnorm: ClassVar[bool] = False
+    #: the normalization layers (`-a norm`) of the networks the method adapts: a method that adapts normalization
+    #: parameters adapts the affine parameters of whichever the network has; one that needs batch statistics
+    #: declares ("batch",) and another norm is refused
+    norms: ClassVar[tuple[str, ...]] = ("batch", "instance", "group")
 
     @classmethod
     def sweep_space(cls) -> dict[str, tuple[Any, ...]]:
@@ -92,8 +97,17 @@ class Adapter(nn.Module):
             p.requires_grad_(True)
         self.optimizer = self.make_optimizer(self.params) if self.params else None
         self.patches_per_update = 2  # 3D: random patches of the volume per update (the engine's batch size)
+        self.updates_per_pass: int | None = None  # 3D: updates per pass over a volume (None: `patch_updates`)
         self.use_precision("fp32", torch.device("cpu"))
         self._initial_state = self.snapshot()
+
+    @classmethod
+    def norm_refusal(cls, norm: str) -> str:
+        """Why the method cannot adapt a network of normalization `norm` (`-a norm`), or "" when it can."""
+        if norm in cls.norms or norm not in NORM_LAYERS:  # an unknown norm: the architecture names the known ones
+            return ""
+        return (f"adapts {' and '.join(NORM_LAYERS[n] for n in cls.norms)} networks: -a norm={norm} builds "
+                f"{NORM_LAYERS[norm]} ones")
 
     @classmethod
     def architectures(cls) -> tuple[str, ...]:
@@ -188,9 +202,22 @@ class Adapter(nn.Module):
         return random_patches(x, self.model.window, n or self.patches_per_update)[0]
 
     def patch_updates(self, x: torch.Tensor) -> int:
-        """Updates in one pass over the 3D volume `x`: as many patches as hold its voxels, `patches_per_update` at
-        a time (at least one update)."""
-        return max(1, round(math.prod(x.shape[2:]) / (math.prod(self.model.window) * self.patches_per_update)))
+        """Updates in one pass over the 3D volume `x`: `updates_per_pass` when set, else as many patches as the
+        sliding windows that predict it, `patches_per_update` at a time (a pass sees the volume once, as a pass
+        over a volume's slices does in 2D)."""
+        if self.updates_per_pass is not None:
+            return self.updates_per_pass
+        return math.ceil(window_count(tuple(x.shape[2:]), self.model.window) / self.patches_per_update)
+
+    def window_statistics(self, x: torch.Tensor) -> ExitStack:
+        """Inside, every windowed 3D network of the adapter (the model, a teacher, an anchor) normalizes its
+        test-batch-statistics layers with the statistics of the sliding windows of the volume `x`, so that the
+        patch updates see the statistics the volume's prediction uses; they are constants in backpropagation."""
+        stack = ExitStack()
+        for network in self.modules():
+            if getattr(network, "window", None) is not None:
+                stack.enter_context(network.window_statistics(x))
+        return stack
 
     def accumulate(self, x: torch.Tensor, batch_size: int,
                    batch_loss: Callable[[int, torch.Tensor], torch.Tensor]) -> float:
@@ -218,8 +245,11 @@ class Adapter(nn.Module):
         return self.update(x)
 
     def patch_pass(self, x: torch.Tensor) -> None:
-        """One pass over the 3D volume `x`: `patch_updates` updates, each on fresh random patches."""
-        if self.optimizer is not None:
+        """One pass over the 3D volume `x`: `patch_updates` updates, each on fresh random patches, normalized with the
+        volume's window statistics as they stand before the pass."""
+        if self.optimizer is None:
+            return
+        with self.window_statistics(x):
             for _ in range(self.patch_updates(x)):
                 self.update(self.patches(x))
 

@@ -19,7 +19,7 @@ class BNStats(Adapter):
 
     paradigm: ClassVar[str] = "feature"
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
-    needs_batchnorm: ClassVar[bool] = True
+    norms: ClassVar[tuple[str, ...]] = ("batch",)  # it needs batch statistics
     defaults: ClassVar[dict[str, Any]] = {"source_weight": 0.0}
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"source_weight": (0.0, 0.5, 0.9)}
 

@@ -103,9 +103,12 @@ class DGTTA(Adapter):
             if run:
                 self.reset()  # each member adapts independently from the source model
             for _ in range(steps):
-                units = self.patches(x, ACCUMULATED_PATCHES) if x.dim() == 5 else x
-                self.accumulate(units, self.patches_per_update if x.dim() == 5 else batch_size,
-                                lambda _, b: self.consistency(b))
+                if x.dim() == 5:
+                    with self.window_statistics(x):
+                        self.accumulate(self.patches(x, ACCUMULATED_PATCHES), self.patches_per_update,
+                                        lambda _, b: self.consistency(b))
+                else:
+                    self.accumulate(x, batch_size, lambda _, b: self.consistency(b))
                 self.optimizer_step()
             if self.hparams["ensemble"] > 1:
                 members.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})

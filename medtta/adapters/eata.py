@@ -15,7 +15,7 @@ from torch import nn
 from medtta.adapters.base import Adapter, use_batch_statistics
 from medtta.adapters.sar import pixel_entropy
 from medtta.errors import DataError, MedttaError
-from medtta.models.base import SourceVolume, batchnorm_params
+from medtta.models.base import SourceVolume, norm_params
 
 FISHER_SLICES = 2000  # the official 2000 source samples, here slices
 FISHER_BATCH = 32  # slices per batch, the engine's default test batch
@@ -80,7 +80,6 @@ class EATA(Adapter):
 
     paradigm: ClassVar[str] = "output"
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
-    needs_batchnorm: ClassVar[bool] = True
     own_criterion: ClassVar[str] = "entropy"  # its loss: selecting by entropy selects by its own objective
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "margin": 0.4, "d_margin": 0.05, "fisher_alpha": 2000.0}
     default_steps: ClassVar[int] = 1
@@ -91,7 +90,7 @@ class EATA(Adapter):
         """Fisher information of each BatchNorm affine parameter (by its name in `model`)."""
         net = copy.deepcopy(model).eval().requires_grad_(False)
         use_batch_statistics(net)
-        params = [p.requires_grad_(True) for p in batchnorm_params(net)]
+        params = [p.requires_grad_(True) for p in norm_params(net)]
         fisher = [torch.zeros_like(p) for p in params]
         batches = 0
         for x in _slice_batches(volumes, FISHER_BATCH, FISHER_SLICES):
@@ -123,7 +122,7 @@ class EATA(Adapter):
         self.register_buffer("average", torch.zeros(model.n_classes, device=anchor.device))  # zeros: none yet
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
-        return batchnorm_params(model)
+        return norm_params(model)
 
     def tracked_state(self) -> set[str]:
         return {"average"}

@@ -31,7 +31,6 @@ class MeanTeacher(Adapter):
 
     paradigm: ClassVar[str] = "output"
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
-    needs_batchnorm: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-4, "ema": 0.999, "contrast": 0.1, "noise": 0.1}
     default_steps: ClassVar[int] = 1
     logits_in_objective: ClassVar[bool] = False  # the objective sees augmented copies; the teacher predicts

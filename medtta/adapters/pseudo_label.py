@@ -10,7 +10,7 @@ from torch import nn
 
 from medtta.adapters.base import Adapter, use_batch_statistics
 from medtta.errors import RegistryError
-from medtta.models.base import batchnorm_params, weights_under_batch_statistics
+from medtta.models.base import norm_params, weights_under_batch_statistics
 
 PARAMETER_SETS = ("norm", "all")
 
@@ -26,7 +26,6 @@ class PseudoLabel(Adapter):
 
     paradigm: ClassVar[str] = "output"
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
-    needs_batchnorm: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "threshold": 0.9, "params": "norm"}
     default_steps: ClassVar[int] = 1
 
@@ -38,7 +37,7 @@ class PseudoLabel(Adapter):
         use_batch_statistics(model)
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
-        return batchnorm_params(model) if self.hparams["params"] == "norm" else weights_under_batch_statistics(model)
+        return norm_params(model) if self.hparams["params"] == "norm" else weights_under_batch_statistics(model)
 
     def loss(self, logits: torch.Tensor) -> torch.Tensor:
         confidence, labels = logits.detach().softmax(1).max(1)

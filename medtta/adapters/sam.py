@@ -28,7 +28,6 @@ class SamAdapter(Adapter):
     architecture: ClassVar[str] = "sam-tiny"
     other_architectures: ClassVar[tuple[str, ...]] = ("sam-vit-b", "sam-vit-l", "sam-vit-h")
     spatial_dims: ClassVar[tuple[int, ...]] = (2,)  # SAM's image encoder is 2D
-    needs_batchnorm: ClassVar[bool] = False
 
     def snapshot(self) -> dict[str, Any]:
         collected = {id(p) for p in self.params}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from medtta.adapters.base import Adapter, use_batch_statistics
-from medtta.models.base import batchnorm_params
+from medtta.models.base import norm_params
 
 
 def pixel_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,6 @@ class SAR(Adapter):
 
     paradigm: ClassVar[str] = "output"
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
-    needs_batchnorm: ClassVar[bool] = True
     own_criterion: ClassVar[str] = "entropy"  # its loss: selecting by entropy selects by its own objective
     defaults: ClassVar[dict[str, Any]] = {"lr": 2.5e-4, "rho": 0.05, "margin": 0.4, "reset_below": 0.2 / math.log(1000)}
     default_steps: ClassVar[int] = 1
@@ -54,8 +53,8 @@ class SAR(Adapter):
         self.register_buffer("loss_ema", torch.tensor(-1.0))  # -1: no loss seen yet
 
     def collect_params(self, model: nn.Module) -> list[nn.Parameter]:
-        deepest = {id(p) for p in batchnorm_params(model.encoder_blocks[-1])}
-        return [p for p in batchnorm_params(model) if id(p) not in deepest]
+        deepest = {id(p) for p in norm_params(model.encoder_blocks[-1])}
+        return [p for p in norm_params(model) if id(p) not in deepest]
 
     def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.hparams["lr"], momentum=0.9)

@@ -25,18 +25,23 @@ def _resized(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 @dataclass(frozen=True)
 class View:
     """Flips of the spatial axes `flips` (counted from the end: -1 left-right, -2 up-down, -3 along depth), then
-    `turns` in-plane quarter turns, then a `scale` of every spatial axis and a `contrast` factor."""
+    `turns` in-plane quarter turns, then a `scale` of every spatial axis, a `contrast` factor and a `gamma`."""
 
     turns: int = 0
     flips: tuple[int, ...] = ()
     scale: float = 1.0
     contrast: float = 1.0
+    gamma: float = 1.0
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) slices, or (N, C, D, H, W) volumes, seen through this view."""
         if self.contrast != 1.0:  # around each image's mean: a milder or stronger contrast, same brightness
             mean = x.mean(spatial(x), keepdim=True)
             x = mean + (x - mean) * self.contrast
+        if self.gamma != 1.0:  # each image's range mapped by a power (nnU-Net's gamma): non-linear, so a per-image
+            low, high = x.amin(spatial(x), keepdim=True), x.amax(spatial(x), keepdim=True)  # normalization keeps it
+            span = (high - low).clamp_min(1e-8)
+            x = low + span * ((x - low) / span) ** self.gamma
         if self.flips:
             x = x.flip(self.flips)
         x = torch.rot90(x, self.turns, (-2, -1))

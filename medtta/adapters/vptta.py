@@ -164,7 +164,7 @@ class VPTTA(Adapter):
     """
 
     paradigm: ClassVar[str] = "prior"
-    needs_batchnorm: ClassVar[bool] = True
+    norms: ClassVar[tuple[str, ...]] = ("batch",)  # it needs batch statistics
     defaults: ClassVar[dict[str, Any]] = {"lr": 0.05, "alpha": 0.01, "memory_size": 40, "neighbours": 16,
                                           "temperature": 0.2, "warm_n": 5, "min_side": 3}
     default_steps: ClassVar[int] = 1

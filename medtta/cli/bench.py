@@ -49,8 +49,8 @@ def _grouped_params(values: tuple[str, ...]) -> dict[str, dict]:
                    "GPU cells asking for a GPU. Needs pip install 'medtta[ray]'.")
 @engine_options
 def bench(methods, datasets, seeds, setting, source_site, params, sweeps, workers, executor, steps, batch_size,
-          arch_params, epochs, source_site_check, device, precision, rounds, site_order, results, tracking_uri,
-          quiet) -> None:
+          patch_updates, arch_params, epochs, source_site_check, device, precision, rounds, site_order, results,
+          tracking_uri, quiet) -> None:
     """Run every method on every protocol and seed (a grid of cells), as `medtta run` would, and summarize.
 
     Datasets are checked and source models trained (with their unadapted predictions) once, before any cell
@@ -78,7 +78,7 @@ def bench(methods, datasets, seeds, setting, source_site, params, sweeps, worker
     except ValueError:
         raise MedttaError(f"--seeds '{seeds}': expected comma-separated integers, e.g. 0,1,2") from None
     chosen = select_methods(methods)
-    run = RunConfig(method="source", steps=steps, batch_size=batch_size,
+    run = RunConfig(method="source", steps=steps, batch_size=batch_size, patch_updates=patch_updates,
                     arch_config=parse_params(arch_params, "--arch-param"), device=device, results=results,
                     tracking_uri=tracking_uri, epochs=epochs, source_site_check=source_site_check, precision=precision,
                     rounds=rounds, site_order=site_order)

@@ -10,11 +10,16 @@ def list_() -> None:
     """List what is available."""
 
 
-def _echo_table(rows: list[tuple[str, ...]]) -> None:
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
     """Columns padded to their widest cell; the last one runs free."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)] if rows else []
-    for row in rows:
-        click.echo("  ".join([*(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1]]).rstrip())
+    return ["  ".join([*(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1]]).rstrip()
+            for row in rows]
+
+
+def _echo_table(rows: list[tuple[str, ...]]) -> None:
+    for line in _table(rows):
+        click.echo(line)
 
 
 @list_.command("adapters")
@@ -52,11 +57,28 @@ def list_architectures(pattern: str) -> None:
 
 @list_.command("protocols")
 def list_protocols() -> None:
-    """Built-in cross-site protocols."""
+    """Built-in cross-site protocols: modality, the dimensions the network runs in (DIMS; `-a spatial_dims=3` runs
+    a 2D one on volumes), SPACING (mm, in-plane, '-' where slices are resized to the size instead; then between
+    slices in 3D: 'median' when the source site's median is planned), PATCH (3D: in-plane then depth, 'planned'
+    from the data; 2D: the slice size), source and target sites; each followed by its description, indented, so
+    that lines stay short."""
     from medtta.protocol import list_protocols as protocols
 
     found = protocols()
-    width = max((len(n) for n in found), default=0)
+    rows = [("PROTOCOL", "MODALITY", "DIMS", "SPACING", "PATCH", "SITES")]
     for name, p in found.items():
-        click.echo(f"{name.ljust(width)}  {p.modality:<4} {p.source_site} -> {', '.join(p.target_sites)}  "
-                   f"{p.description}")
+        prep = p.preprocessing
+        spacing = "x".join(f"{v:g}" for v in prep.spacing) if prep.spacing else "-"
+        if prep.dims == 3:
+            spacing += "x" + (f"{prep.slice_spacing:g}" if prep.slice_spacing else "median")
+            patch = "x".join(map(str, prep.patch_size)) if prep.patch_size else "planned"
+        else:
+            patch = "x".join(map(str, prep.size))
+        sites = f"{p.source_site} -> {', '.join(p.target_sites)}"
+        rows.append((name, p.modality, str(prep.dims), spacing, patch, sites))
+    header, *lines = _table(rows)
+    click.echo(header)
+    indent = " " * (max(len(row[0]) for row in rows) + 2)  # under MODALITY
+    for line, p in zip(lines, found.values(), strict=True):
+        click.echo(line)
+        click.echo(indent + p.description)

@@ -82,6 +82,10 @@ engine_options = _apply([
     click.option("--batch-size", type=click.IntRange(min=1),
                  help="Slices per batch, a batch never mixing volumes (default 32); with a 3D network, random "
                       "patches per update (default 2)."),
+    click.option("--patch-updates", type=click.IntRange(min=1),
+                 help="With a 3D network: updates per adaptation pass over a volume (default: as many as it takes "
+                      "to draw as many random patches as the sliding windows that predict the volume, --batch-size "
+                      "a step)."),
     click.option("--arch-param", "-a", "arch_params", multiple=True, metavar="KEY=VALUE",
                  help="Source-architecture config, e.g. -a dae_epochs=20, -a spatial_dims=3 (a 3D network on "
                       "volumes; default: the protocol's dims), -a norm=group (see `medtta list architectures`); "

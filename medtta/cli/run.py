@@ -28,9 +28,9 @@ from medtta.streams import SETTINGS
 @engine_options
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
               help="Method hyper-parameter, e.g. -p lr=1e-4; repeatable.")
-def run(method, dataset, source_site, target_sites, setting, seed, architecture, checkpoint, steps, batch_size, params,
-        arch_params, epochs, source_site_check, device, precision, rounds, site_order, results, tracking_uri,
-        quiet) -> None:
+def run(method, dataset, source_site, target_sites, setting, seed, architecture, checkpoint, steps, batch_size,
+        patch_updates, params, arch_params, epochs, source_site_check, device, precision, rounds, site_order,
+        results, tracking_uri, quiet) -> None:
     """Adapt a source model to every target site of a protocol and report Dice recovery.
 
     Generates synthetic data and trains the source model on first use (both cached), adapts on each
@@ -44,7 +44,7 @@ def run(method, dataset, source_site, target_sites, setting, seed, architecture,
 
     from medtta.engine import RunConfig
     from medtta.engine import run as run_protocol
-    from medtta.report import source_site_line, summary_table
+    from medtta.report import cost_line, source_site_line, summary_table
 
     quiet_mlflow()
     arch_config = parse_params(arch_params, "--arch-param")
@@ -54,14 +54,15 @@ def run(method, dataset, source_site, target_sites, setting, seed, architecture,
         arch_config["checkpoint"] = str(checkpoint)
         architecture = architecture or checkpoint_architecture(checkpoint)
     config = RunConfig(method=method, setting=setting, seed=seed, steps=steps, batch_size=batch_size,
-                       hparams=parse_params(params), arch_config=arch_config, architecture=architecture,
-                       device=device, results=results, tracking_uri=tracking_uri,
+                       patch_updates=patch_updates, hparams=parse_params(params), arch_config=arch_config,
+                       architecture=architecture, device=device, results=results, tracking_uri=tracking_uri,
                        epochs=epochs, progress=not quiet, source_site_check=source_site_check, precision=precision,
                        rounds=rounds, site_order=site_order)
     result = run_protocol(protocol, config)
     click.echo(f"\n{method} on {protocol.name} ({protocol.modality}, {result.setting}, seed {seed}), "
                f"source site {protocol.source_site}")
     click.echo(summary_table(result))
+    click.echo(cost_line(result))
     if result.source_site is not None:
         click.echo(f"\n{source_site_line(result.source_site)}")
     click.echo(f"\nMLflow run {result.run_id} in {result.tracking_uri}")

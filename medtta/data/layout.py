@@ -146,15 +146,34 @@ def read_dataset(root: str | Path) -> Dataset:
     )
 
 
+def _unreadable(path: Path, err: Exception) -> DataError:
+    return DataError(f"{path}: cannot be read as NIfTI ({err})")
+
+
+def _spacing(img: nib.spatialimages.SpatialImage, ndim: int) -> tuple[float, ...]:
+    return tuple(float(z) for z in img.header.get_zooms()[:ndim])
+
+
 def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     """Voxel array (a 4D array with one frame squeezed to 3D) and spacing; unreadable files name the path."""
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel raises many types for truncated or foreign files
-        raise DataError(f"{path}: cannot be read as NIfTI ({err})") from None
+        raise _unreadable(path, err) from None
     data = np.squeeze(data) if data.ndim > 3 else data
-    return data, tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+    return data, _spacing(img, data.ndim)
+
+
+def read_geometry(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """A NIfTI file's shape and spacing (mm per axis) as `load_volume` gives them, from its header alone (the
+    voxels are not read)."""
+    try:
+        img = nib.load(str(path))
+    except Exception as err:  # as in `_load_nifti`
+        raise _unreadable(path, err) from None
+    shape = tuple(n for n in img.shape if n != 1) if len(img.shape) > 3 else tuple(img.shape)  # as np.squeeze
+    return shape, _spacing(img, len(shape))
 
 
 def check_pair(image: np.ndarray, label: np.ndarray, labels: dict[str, int], image_path: Path,

@@ -93,10 +93,15 @@ def to_native(logits: torch.Tensor, volume: Volume, prep: Preprocessing) -> torc
 
 def depth(volume: Volume, prep: Preprocessing) -> int:
     """Slices of the 3D network input: the volume's, resampled to `slice_spacing` when the protocol fixes one."""
-    n = 1 if volume.label.ndim == 2 else volume.label.shape[prep.slice_axis]
-    if prep.slice_spacing is None or volume.label.ndim == 2:
-        return n
-    return max(1, round(n * volume.spacing[prep.slice_axis] / prep.slice_spacing))
+    return stack_depth(volume.label.shape, volume.spacing, prep)
+
+
+def stack_depth(shape: tuple[int, ...], spacing: tuple[float, ...], prep: Preprocessing) -> int:
+    """`depth` of a volume of `shape` and `spacing` (mm per axis): what the 3D plan reads from image headers."""
+    if len(shape) == 2:
+        return 1
+    n = shape[prep.slice_axis]
+    return n if prep.slice_spacing is None else max(1, round(n * spacing[prep.slice_axis] / prep.slice_spacing))
 
 
 def _stacked(slices: torch.Tensor, n: int, mode: str) -> torch.Tensor:

@@ -121,12 +121,6 @@ def norm_params(module: nn.Module) -> list[nn.Parameter]:
     return [p for m in module.modules() if isinstance(m, NORM_LAYERS) and m.affine for p in (m.weight, m.bias)]
 
 
-def batchnorm_params(module: nn.Module) -> list[nn.Parameter]:
-    """Affine parameters of every BatchNorm layer (test-time replacements included: they subclass _BatchNorm)."""
-    return [p for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
-            for p in (m.weight, m.bias)]
-
-
 @contextmanager
 def running_statistics_kept(module: nn.Module) -> Iterator[None]:
     """BatchNorm layers of `module` still normalize with the batch's statistics in training mode, but leave their
@@ -163,12 +157,14 @@ def batch_statistics(module: nn.Module) -> Iterator[None]:
 
 
 def weights_under_batch_statistics(model: nn.Module) -> list[nn.Parameter]:
-    """Every parameter but the conv biases a BatchNorm cancels when it normalizes with batch statistics (in MONAI
-    `Convolution` blocks, conv then norm): their gradient is zero up to rounding, which Adam would blow up into
-    steps of full size."""
+    """Every parameter but the conv biases that the following norm cancels when it normalizes each channel with the
+    statistics of its own input (in MONAI `Convolution` blocks, conv then norm): BatchNorm on batch statistics,
+    InstanceNorm always. Their gradient is zero up to rounding, which Adam would blow up into steps of full size.
+    GroupNorm subtracts a mean over several channels, which leaves a per-channel bias its effect."""
+    per_channel = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
     inert = {id(block.conv.bias) for block in model.modules() if isinstance(block, Convolution)
              and block.conv.bias is not None and isinstance(getattr(getattr(block, "adn", None), "N", None),
-                                                             nn.modules.batchnorm._BatchNorm)}
+                                                             per_channel)}
     return [p for p in model.parameters() if id(p) not in inert]
 
 

@@ -28,16 +28,16 @@ from medtta.errors import DataError
 from medtta.metrics import mean, volume_dice
 from medtta.models import build_network
 from medtta.models.base import Architecture, SourceStatistics, SourceVolume, Stage
-from medtta.models.volumetric import random_patches
+from medtta.models.patches import training_patches
 from medtta.precision import autocast, grad_scaler
 from medtta.progress import progress_bar
 from medtta.protocol import Protocol
 
-TRAINING_VERSION = 8  # 3: auxiliary passes keep the BatchNorm running statistics; 4: the fused Gaussian of N;
+TRAINING_VERSION = 9  # 3: auxiliary passes keep the BatchNorm running statistics; 4: the fused Gaussian of N;
 # 5: N's Gaussian scales folded into its convs, the DAE grid no larger than the source volumes, the DAE's Dice loss
 # with the background; 6: TTT heads on horizontal flips only, TTT-MAE's per-patch normalized target, He et al.'s
 # output autoencoder; 7: TTT flips mirror the lateral axis (H), not depth (W); 8: He et al.'s output autoencoder
-# trained in a stage of its own, on logits computed once
+# trained in a stage of its own, on logits computed once; 9: a third of the 3D training patches centred on foreground
 
 
 def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float,
@@ -146,17 +146,16 @@ def train_network(model: Architecture, data: SourceData, seed: int, device: torc
 
 def _patch_losses(model: Architecture, volumes: list[SourceVolume], batch_size: int, seed: int,
                   device: torch.device) -> Callable[[int], Iterator[torch.Tensor]]:
-    """3D source training: each epoch, every train volume gives one random patch of the model's window, in batches of
-    `batch_size` patches (a last batch of one is dropped: it breaks BatchNorm)."""
+    """3D source training: each epoch, every train volume gives one patch of the model's window (`training_patches`:
+    a third centred on foreground), in batches of `batch_size` patches (a last batch of one is dropped: it breaks
+    BatchNorm)."""
     generator = torch.Generator().manual_seed(seed)
 
     def batch_losses(epoch: int) -> Iterator[torch.Tensor]:
         order = torch.randperm(len(volumes), generator=generator).tolist()
         for start in range(0, len(order) - 1, batch_size):
-            picked = [random_patches(volumes[i][0], model.window, 1, volumes[i][1], generator)
-                      for i in order[start:start + batch_size]]
-            x, y = (torch.cat(parts).to(device) for parts in zip(*picked, strict=True))
-            yield sum(model.source_losses(x, y).values())
+            x, y = training_patches([volumes[i] for i in order[start:start + batch_size]], model.window, generator)
+            yield sum(model.source_losses(x.to(device), y.to(device)).values())
 
     return batch_losses
 

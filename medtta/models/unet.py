@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from medtta.errors import RegistryError
 from medtta.models.base import Architecture, norm_params, params_of
-from medtta.models.volumetric import Window, sliding_window_logits
+from medtta.models.volumetric import Window, sliding_window_logits, window_statistics
 
 FeatureTransform = Callable[[int, torch.Tensor], torch.Tensor]
 GROUPS = 8
@@ -104,6 +105,11 @@ class UNetModel(Architecture):
     def use_window(self, window: Window | None) -> None:
         """The 3D patch the network was trained on: `forward` slides it over volumes of any other shape."""
         self.window = window if self.spatial_dims == 3 else None
+
+    def window_statistics(self, x: torch.Tensor) -> AbstractContextManager[None]:
+        """Inside, its test-batch-statistics layers normalize with those of the sliding windows of the volume `x`
+        (`medtta.models.volumetric.window_statistics`): patch updates then see what predictions see."""
+        return window_statistics(self, self.logits, x, self.window)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.window is not None and tuple(x.shape[2:]) != self.window:

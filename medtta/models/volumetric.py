@@ -1,13 +1,18 @@
 """3D networks on whole volumes: random training patches, and sliding-window inference (MONAI, overlap 0.5, Gaussian
-blending) whose BatchNorm test statistics come from the whole volume.
+blending) whose test-time BatchNorm statistics are those of the windows themselves.
 
 A layer normalizing with test-batch statistics (an adapter's `MixedBatchNorm`, source weight below 1) would see each
-window's own statistics, which differ from window to window and make seams. One extra pass over the whole volume
-records each such layer's input statistics; the windows are then normalized with those.
+batch of windows' own statistics, which differ from batch to batch and make seams. A first pass over the windows
+(MONAI's positions, a batch at a time, so that no whole-volume activation is held) accumulates every such layer's
+input sums; every window is then normalized with the statistics of all of them. The network was trained on patches
+of the window's size, so these are the statistics of what it was trained to see: a single pass over the whole
+volume shows every layer another field of view and other borders, and lands 2-4x farther from the source statistics
+on source-site volumes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -15,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import nn
-
-from medtta.protocol import DIVISOR
 
 Window = tuple[int, int, int]  # (depth, H, W)
 OVERLAP = 0.5
@@ -27,6 +30,15 @@ def padded_to(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """`x` zero-padded at the end of each spatial axis up to `shape` (axes already as long are left)."""
     pad = [p for n, s in zip(reversed(x.shape[2:]), reversed(shape), strict=True) for p in (0, max(0, s - n))]
     return F.pad(x, pad) if any(pad) else x
+
+
+def window_count(shape: tuple[int, ...], window: Window) -> int:
+    """How many windows MONAI's sliding window (overlap `OVERLAP`) places on a volume of spatial `shape`."""
+    def along(n: int, w: int) -> int:
+        step = max(1, int(w * (1 - OVERLAP)))
+        return 1 if n <= w else math.ceil((n - w) / step) + 1
+
+    return math.prod(along(n, w) for n, w in zip(shape, window, strict=True))
 
 
 def random_patches(x: torch.Tensor, window: Window, n: int, labels: torch.Tensor | None = None,
@@ -51,39 +63,49 @@ def _batch_statistic_layers(module: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def whole_volume_statistics(module: nn.Module, network: Callable[[torch.Tensor], torch.Tensor],
-                            x: torch.Tensor) -> Iterator[None]:
-    """Inside, every layer of `module` that normalizes with test-batch statistics uses those of the whole volume `x`,
-    recorded by one pass of `network` over it (zero-padded to a multiple of the UNet's divisor)."""
+def window_statistics(module: nn.Module, network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      window: Window) -> Iterator[None]:
+    """Inside, every layer of `module` that normalizes with test-batch statistics uses those of all the sliding
+    windows of the (1, C, D, H, W) volume `x`, at MONAI's positions: one pass of `network` over the windows, each
+    batch normalized by its own statistics, sums the inputs of every layer. A volume no larger than the window is one
+    window: its statistics exactly. Statistics already set (an enclosing call) are put back on exit."""
     layers = _batch_statistic_layers(module)
     if not layers:
         yield
         return
-    recorded: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+    previous = [layer.volume_statistics for layer in layers]
+    sums: dict[nn.Module, list[torch.Tensor]] = {}
 
     def record(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        dims = [0, *range(2, inputs[0].dim())]
-        recorded[layer] = (inputs[0].mean(dims).float(), inputs[0].var(dims, unbiased=False).float())
+        v = inputs[0].detach().double()
+        dims = [0, *range(2, v.dim())]
+        count = torch.tensor(v.numel() / v.shape[1], dtype=torch.float64, device=v.device)
+        totals = (v.sum(dims), v.square().sum(dims), count)
+        sums[layer] = [a + b for a, b in zip(sums[layer], totals, strict=True)] if layer in sums else list(totals)
 
+    for layer in layers:
+        layer.volume_statistics = None
     hooks = [layer.register_forward_pre_hook(record) for layer in layers]
     try:
         with torch.no_grad():
-            network(padded_to(x, tuple(-(-n // DIVISOR) * DIVISOR for n in x.shape[2:])))
+            sliding_window_inference(x, window, WINDOWS_PER_BATCH, network, overlap=OVERLAP, mode="constant")
     finally:
         for hook in hooks:
             hook.remove()
     for layer in layers:
-        layer.volume_statistics = recorded[layer]
+        total, squares, count = sums[layer]
+        mean = total / count
+        layer.volume_statistics = (mean.float(), (squares / count - mean.square()).clamp_min(0).float())
     try:
         yield
     finally:
-        for layer in layers:
-            layer.volume_statistics = None
+        for layer, statistics in zip(layers, previous, strict=True):
+            layer.volume_statistics = statistics
 
 
 def sliding_window_logits(module: nn.Module, network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                           window: Window) -> torch.Tensor:
     """Logits of the (1, C, D, H, W) volume `x` by windows of `network` (part of `module`), Gaussian-blended, the
-    batch-statistics layers normalizing with the whole volume's statistics."""
-    with whole_volume_statistics(module, network, x):
+    batch-statistics layers normalizing with the statistics of all the windows (`window_statistics`)."""
+    with window_statistics(module, network, x, window):
         return sliding_window_inference(x, window, WINDOWS_PER_BATCH, network, overlap=OVERLAP, mode="gaussian")

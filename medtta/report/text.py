@@ -38,6 +38,14 @@ def summary_table(result: RunResult) -> str:
     return format_table(header, rows)
 
 
+def cost_line(result: RunResult) -> str:
+    """Seconds per volume adapted and unadapted, their ratio, and the run's peak memory, in one line."""
+    m = result.metrics
+    memory = "CUDA max allocated" if result.device == "cuda" else "peak resident set"
+    return (f"Cost: {_fmt(m['seconds_per_volume'], 2)} s/volume adapted vs {_fmt(m['seconds_per_volume_source'], 2)} "
+            f"unadapted (x{_fmt(m['cost_ratio'], 2)}); peak memory {m['peak_memory_mb']:.0f} MB ({memory})")
+
+
 def source_site_line(site: SiteResult) -> str:
     """The source-site check of a run in one line: Dice adapted and unadapted, the harm, collapsed cases."""
     s = site.summary

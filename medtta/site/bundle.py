@@ -149,6 +149,9 @@ class Bundle:
         if self.preprocessing.dims not in cls.spatial_dims:
             raise BundleError(f"--methods {method}: adapts {' and '.join(f'{d}D' for d in cls.spatial_dims)} "
                               f"networks, but bundle {self.root} holds a {self.preprocessing.dims}D one")
+        refusal = cls.norm_refusal(self.manifest["config"].get("norm", "batch"))
+        if refusal:
+            raise BundleError(f"--methods {method}: {refusal}, the kind bundle {self.root} holds")
         if cls.statistics and cls.statistics not in self.manifest["files"]["statistics"]:
             raise BundleError(f"--methods {method}: needs the source statistics '{cls.statistics}', which bundle "
                               f"{self.root} does not ship; export it again with the package that provides {method} "

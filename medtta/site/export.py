@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from medtta.data.plans import plan_3d
 from medtta.engine import SourcePredictions, network_dims, prepare_dataset, resolve_device
 from medtta.models.training import load_statistics, source_model
 from medtta.paths import results_root
@@ -24,6 +25,7 @@ def export_bundle(protocol: Protocol, out: Path, architecture: str = "unet", see
     ARCHITECTURES.get(architecture).check_config(arch_config)
     if epochs is not None:
         protocol = dataclasses.replace(protocol, training=dataclasses.replace(protocol.training, epochs=epochs))
+    protocol = plan_3d(protocol)  # the bundle ships the planned preprocessing
     torch_device = resolve_device(device)
     results, statistics = results_root(results), statistics_of(architecture)
     dataset, volumes = prepare_dataset(protocol, results / "cache", progress)

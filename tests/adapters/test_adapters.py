@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from medtta.adapters.base import PARADIGMS
+from medtta.adapters.views import View
 from medtta.data.preprocess import to_native
 from medtta.engine import adapt_and_predict, create_adapter
 from medtta.errors import MedttaError, RegistryError
@@ -16,16 +17,27 @@ from medtta.metrics import volume_dice
 from medtta.models import build_network
 from medtta.models.base import weights_under_batch_statistics
 from medtta.precision import autocast
-from medtta.registry import ADAPTERS
+from medtta.registry import ADAPTERS, ARCHITECTURES
 
 METHODS = ADAPTERS.list()
 SMALL = {"sam-tiny": {"image_size": 32}}  # the contract holds at any input size: 4 x 4 tokens keep it fast
 
 
-def _source_like(architecture: str) -> nn.Module:
+def norms_of(method: str) -> tuple[str, ...]:
+    """The normalizations the method declares, where its architecture is built with one (`-a norm`)."""
+    cls = ADAPTERS.get(method)
+    return cls.norms if "norm" in ARCHITECTURES.get(cls.architecture).defaults else ("batch",)
+
+
+#: (method, norm) for every norm each method declares: the contract holds on each
+CONTRACT = [pytest.param(m, n, id=f"{m}-{n}") for m in METHODS for n in norms_of(m)]
+
+
+def _source_like(architecture: str, norm: str = "batch") -> nn.Module:
     """A fresh network with non-trivial BatchNorm statistics, as a trained source model has."""
     torch.manual_seed(0)
-    net = build_network(architecture, 1, 4, **SMALL.get(architecture, {}))
+    config = {**SMALL.get(architecture, {}), **({"norm": norm} if norm != "batch" else {})}
+    net = build_network(architecture, 1, 4, **config)
     net.train()
     with torch.no_grad():
         for _ in range(3):
@@ -59,9 +71,9 @@ def _source_stats(cls: type, model: nn.Module) -> dict[str, torch.Tensor]:
     return cls.source_statistics(model, volumes)
 
 
-def _adapter(method: str, **hparams) -> nn.Module:
+def _adapter(method: str, norm: str = "batch", **hparams) -> nn.Module:
     cls = ADAPTERS.get(method)
-    model = _source_like(cls.architecture)
+    model = _source_like(cls.architecture, norm)
     if cls.statistics:  # as the engine does, from the cache source training fills
         hparams["source_stats"] = _source_stats(cls, model)
     return ADAPTERS.create(method, model, **hparams)
@@ -69,9 +81,9 @@ def _adapter(method: str, **hparams) -> nn.Module:
 
 # The contract every registered adapter passes (a new method gets these tests by registering).
 
-@pytest.mark.parametrize("method", METHODS)
-def test_update_changes_exactly_the_collected_parameters(method: str, batch: torch.Tensor) -> None:
-    adapter = _adapter(method)
+@pytest.mark.parametrize(("method", "norm"), CONTRACT)
+def test_update_changes_exactly_the_collected_parameters(method: str, norm: str, batch: torch.Tensor) -> None:
+    adapter = _adapter(method, norm)
     collected = {name for name, p in adapter.named_parameters() if any(p is q for q in adapter.params)}
     before = _snapshot(adapter)
     for _ in range(2):  # an adaptor starting at exact identity moves all its weights from the second step
@@ -82,9 +94,9 @@ def test_update_changes_exactly_the_collected_parameters(method: str, batch: tor
     assert type(adapter).paradigm in PARADIGMS
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_reset_restores_the_exact_state(method: str, batch: torch.Tensor) -> None:
-    adapter = _adapter(method)
+@pytest.mark.parametrize(("method", "norm"), CONTRACT)
+def test_reset_restores_the_exact_state(method: str, norm: str, batch: torch.Tensor) -> None:
+    adapter = _adapter(method, norm)
     initial = _snapshot(adapter)
     torch.manual_seed(0)
     first = adapter(batch)
@@ -96,10 +108,10 @@ def test_reset_restores_the_exact_state(method: str, batch: torch.Tensor) -> Non
     assert torch.equal(adapter(batch), first)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("method", "norm"), CONTRACT)
 @pytest.mark.parametrize("setting", ["episodic", "continual"])
-def test_runs_in_both_settings(method: str, setting: str, batch: torch.Tensor) -> None:
-    adapter = _adapter(method)
+def test_runs_in_both_settings(method: str, norm: str, setting: str, batch: torch.Tensor) -> None:
+    adapter = _adapter(method, norm)
     outputs = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -202,10 +214,16 @@ def test_adapting_at_the_source_site_does_no_harm(method: str, setting: str, tra
     """Applied where there is no shift, a method must leave a trained source model about where it was: the mean
     Dice on the source site's test volumes after adaptation (the method's defaults) is at least the unadapted Dice
     minus `HARM_TOLERANCE` (or the pair's `WIDER_TOLERANCE`)."""
-    cls = ADAPTERS.get(method)
-    source = trained_sources(cls.architecture)
+    before, after = _source_site_dice(method, setting, trained_sources(ADAPTERS.get(method).architecture), 32)
+    tolerance = WIDER_TOLERANCE.get((method, setting), HARM_TOLERANCE)
+    assert after >= before - tolerance, f"{method} ({setting}) lowers source-site Dice {before:.3f} -> {after:.3f}"
+
+
+def _source_site_dice(method: str, setting: str, source, batch_size: int) -> tuple[float, float]:
+    """Mean Dice of the source site's test volumes, unadapted and adapted by `method` (its defaults) in `setting`."""
+    cls, p = ADAPTERS.get(method), source.protocol
     adapter = create_adapter(method, copy.deepcopy(source.model), source.record)
-    p = source.protocol
+    adapter.patches_per_update = 2
 
     def dice(logits: torch.Tensor, volume) -> float:
         return volume_dice(to_native(logits, volume.volume, p.preprocessing), torch.as_tensor(volume.volume.label),
@@ -216,20 +234,76 @@ def test_adapting_at_the_source_site_does_no_harm(method: str, setting: str, tra
     for volume in source.source_tests():
         with torch.no_grad():
             unadapted.append(dice(source.model(volume.x), volume))
-        adapted.append(dice(adapt_and_predict(adapter, volume.x, setting, cls.default_steps, 32), volume))
-    before, after = sum(unadapted) / len(unadapted), sum(adapted) / len(adapted)
+        adapted.append(dice(adapt_and_predict(adapter, volume.x, setting, cls.default_steps, batch_size), volume))
+    before = sum(unadapted) / len(unadapted)
     assert before > 0.6, f"the source model is not trained enough for the check: Dice {before:.3f}"
-    tolerance = WIDER_TOLERANCE.get((method, setting), HARM_TOLERANCE)
-    assert after >= before - tolerance, f"{method} ({setting}) lowers source-site Dice {before:.3f} -> {after:.3f}"
+    return before, sum(adapted) / len(adapted)
 
 
-def test_tent_updates_exactly_the_batchnorm_affine_parameters(model: nn.Module, batch: torch.Tensor) -> None:
-    layers = [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+METHODS_3D = [pytest.param(m, n, id=f"{m}-{n}") for m in METHODS if 3 in ADAPTERS.get(m).spatial_dims
+              for n in norms_of(m) if n != "group"]  # group: InstanceNorm's kind, one 3D fixture fewer
+
+
+@pytest.mark.parametrize(("method", "norm"), METHODS_3D)
+@pytest.mark.parametrize("setting", ["episodic", "continual"])
+def test_adapting_at_the_source_site_does_no_harm_in_3d(method: str, norm: str, setting: str,
+                                                        trained_sources_3d) -> None:
+    """The same on volumes: a 3D network, sliding-window predictions, patch updates (`HARM_TOLERANCE`)."""
+    source = trained_sources_3d(norm, ADAPTERS.get(method).architecture)
+    before, after = _source_site_dice(method, setting, source, 2)
+    assert after >= before - HARM_TOLERANCE, (f"{method} ({setting}, {norm} norm) lowers source-site Dice "
+                                              f"{before:.3f} -> {after:.3f}")
+
+
+def test_window_statistics_of_source_volumes_stay_close_to_the_source_statistics(trained_sources_3d) -> None:
+    """On the source site's own volumes, the statistics of the sliding windows are what BatchNorm learnt: every
+    layer's mean within 0.25 source standard deviations of its running mean (averaged over channels)."""
+    source = trained_sources_3d("batch")
+    adapter = ADAPTERS.create("bn-stats", copy.deepcopy(source.model))
+    layers = [m for m in adapter.model.modules() if hasattr(m, "volume_statistics")]
+    for volume in source.source_tests():
+        with adapter.window_statistics(volume.x):
+            shifts = [float(((m.volume_statistics[0] - m.running_mean) / m.running_var.sqrt()).abs().mean())
+                      for m in layers]
+        assert max(shifts) < 0.25, [f"{s:.2f}" for s in shifts]
+
+
+@pytest.mark.parametrize(("norm", "layer"), [("batch", nn.BatchNorm2d), ("instance", nn.InstanceNorm2d),
+                                             ("group", nn.GroupNorm)])
+def test_tent_updates_exactly_the_affine_parameters_of_the_network_norm(norm: str, layer: type,
+                                                                        batch: torch.Tensor) -> None:
+    model = _source_like("unet", norm)
+    layers = [name for name, m in model.named_modules() if isinstance(m, layer)]
     expected = {f"model.{name}.{p}" for name in layers for p in ("weight", "bias")}
     tent = ADAPTERS.create("tent", model)
     before = _snapshot(tent)
     tent.update(batch)
-    assert _changed(before, tent.state_dict()) == expected  # running statistics and conv weights untouched
+    assert layers and _changed(before, tent.state_dict()) == expected  # statistics and conv weights untouched
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if norms_of(m) == ("batch",) and
+                                    "norm" in ARCHITECTURES.get(ADAPTERS.get(m).architecture).defaults])
+@pytest.mark.parametrize("norm", ["instance", "group"])
+def test_methods_that_need_batch_statistics_refuse_other_norms_naming_the_option(method: str, norm: str) -> None:
+    refusal = ADAPTERS.get(method).norm_refusal(norm)
+    assert "adapts BatchNorm networks" in refusal and f"-a norm={norm}" in refusal
+
+
+def test_tta_aug_views_change_what_an_instance_norm_network_sees(batch: torch.Tensor) -> None:
+    """InstanceNorm mostly undoes a linear contrast change (only the zero-padded borders see it); tta-aug gives an
+    InstanceNorm network gamma views instead, which change its logits several times more, and keeps the contrast
+    views for a BatchNorm network."""
+    model = _source_like("unet", "instance")
+    with torch.no_grad():
+        plain = model(batch)
+
+        def change(view: View) -> float:
+            return float((model(view.apply(batch)) - plain).abs().mean())
+
+        assert min(change(View(gamma=g)) for g in (0.75, 1.25)) > 4 * max(change(View(contrast=c)) for c in (0.9, 1.1))
+    adapter = ADAPTERS.create("tta-aug", model)
+    assert [(v.contrast, v.gamma) for v in adapter.views[2]] == [(1.0, 1.0), (1.0, 0.75), (1.0, 1.25)]
+    assert [v.contrast for v in ADAPTERS.create("tta-aug", _source_like("unet")).views[2]] == [1.0, 0.9, 1.1]
 
 
 def test_first_step_after_reset_is_the_first_step_of_a_fresh_adapter(model: nn.Module, batch: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from medtta.adapters.sar import pixel_entropy
 from medtta.data.datasets import open_dataset
 from medtta.data.synthetic.cardiac import generate
 from medtta.engine import RunConfig, run
-from medtta.models.base import batchnorm_params
+from medtta.models.base import norm_params
 from medtta.models.training import SourceData, load_statistics, source_model
 from medtta.protocol import resolve_protocol
 
@@ -57,7 +57,7 @@ def test_fisher_is_computed_on_the_validation_split_once_and_cached_beside_the_c
     assert stats_file.is_file() and stats_file.with_suffix(".json").is_file() and not record["cached"]
     stats = load_statistics(record, "eata-fisher")
     names = {id(p): n for n, p in model.named_parameters()}
-    assert set(stats) == {names[id(p)] for p in batchnorm_params(model)}
+    assert set(stats) == {names[id(p)] for p in norm_params(model)}
     assert all((f >= 0).all() for f in stats.values()) and any((f > 0).any() for f in stats.values())
 
     mtime = stats_file.stat().st_mtime_ns

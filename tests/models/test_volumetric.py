@@ -1,17 +1,20 @@
-"""3D networks: sliding-window inference, whole-volume BatchNorm statistics, and the adapter contract on volumes."""
+"""3D networks: sliding-window inference, BatchNorm statistics of the sliding windows, and the adapter contract on
+volumes."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+from monai.inferers import sliding_window_inference
 from torch import nn
 
 from medtta.adapters.base import MixedBatchNorm
 from medtta.engine import adapt_and_predict
 from medtta.models import build_network
-from medtta.models.volumetric import random_patches, sliding_window_logits
+from medtta.models.volumetric import WINDOWS_PER_BATCH, random_patches, sliding_window_logits, window_count
 from medtta.registry import ADAPTERS
 
 WINDOW = (8, 16, 16)
@@ -46,39 +49,59 @@ def test_sliding_windows_equal_the_whole_volume_where_the_window_covers_it() -> 
         assert net(x).shape == (1, 4, 16, 32, 32)  # a volume unlike the window: slid over, same shape out
 
 
-def test_batch_statistics_come_from_the_whole_volume_not_each_window(volume: torch.Tensor) -> None:
-    """Every window is normalized with the statistics a whole-volume pass gives each BatchNorm layer (one extra
-    pass), not its own: otherwise the windows disagree along their seams."""
+def _batch_statistics_layers(net: nn.Module) -> list[MixedBatchNorm]:
+    return [m for m in ADAPTERS.create("bn-stats", net).model.modules() if isinstance(m, MixedBatchNorm)]
+
+
+def _statistics_used(net: nn.Module, layers: list[MixedBatchNorm], x: torch.Tensor) -> dict[nn.Module, list]:
+    """(mean, variance) each layer normalized with, per call, in a forward pass of `net` over `x`."""
+    used: dict[nn.Module, list] = {m: [] for m in layers}
+
+    def record(layer, inputs, output):
+        used[layer].append(tuple(s.detach() for s in layer.statistics(inputs[0])))
+
+    hooks = [m.register_forward_hook(record) for m in layers]
+    with torch.no_grad():
+        net(x)
+    for hook in hooks:
+        hook.remove()
+    return used
+
+
+def test_a_volume_no_larger_than_the_window_gets_exactly_the_window_statistics() -> None:
     net = _source_like_3d()
-    layers = [m for m in ADAPTERS.create("bn-stats", net).model.modules() if isinstance(m, MixedBatchNorm)]
-    used: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in layers}
-    whole: dict[nn.Module, torch.Tensor] = {}
-
-    def record_used(layer, inputs, output):
-        used[layer].append(layer.statistics(inputs[0])[0].detach())
-
-    hooks = [m.register_forward_hook(record_used) for m in layers]
-    with torch.no_grad():
-        net(volume)
-    for hook in hooks:
-        hook.remove()
-    padded = nn.functional.pad(volume, (0, 4, 0, 4, 0, 4))  # to multiples of 8, as the statistics pass pads
-
-    def record_whole(layer, inputs, output):
-        whole[layer] = inputs[0].mean((0, 2, 3, 4))
-
-    hooks = [m.register_forward_hook(record_whole) for m in layers]
-    with torch.no_grad():
-        net.logits(padded)
-    for hook in hooks:
-        hook.remove()
-    windows = len(used[layers[0]]) - 1  # the first call is the statistics pass itself
-    assert windows >= 2
+    layers = _batch_statistics_layers(net)
+    x = torch.randn(1, 1, 8, 16, 12, generator=torch.Generator().manual_seed(3)) * 2 - 1  # W 12 < 16: one window
+    windowed = _statistics_used(net, layers, x)
+    own = _statistics_used(net, layers, nn.functional.pad(x, (2, 2)))  # the window MONAI pads it to, on its own
     for layer in layers:
-        assert all(torch.allclose(u, whole[layer], atol=1e-5) for u in used[layer])
+        mean, var = own[layer][0]
+        assert all(torch.allclose(m, mean, atol=1e-5) and torch.allclose(v, var, rtol=1e-4, atol=1e-6)
+                   for m, v in windowed[layer])
         assert layer.volume_statistics is None  # cleared after the volume
-    own = [torch.stack([w.mean((0, 2, 3, 4)) for w in (volume[..., :8, :16, :16], volume[..., 4:, 12:, 4:])])]
-    assert not torch.allclose(own[0][0], own[0][1], atol=1e-3)  # windows' own statistics do differ
+
+
+def test_every_window_is_normalized_with_the_statistics_of_all_the_windows(volume: torch.Tensor) -> None:
+    """The first layer's input does not depend on any normalization: its statistics must be exactly those of the
+    voxels of every window MONAI places (overlaps counted as often as windows cover them), for every window."""
+    net = _source_like_3d()
+    layers = _batch_statistics_layers(net)
+    used = _statistics_used(net, layers, volume)
+    first = layers[0]
+    inputs = []
+    hook = first.register_forward_pre_hook(lambda layer, args: inputs.append(args[0].detach()))
+    with torch.no_grad():
+        sliding_window_inference(volume, WINDOW, 1, net.logits, overlap=0.5)  # one window a batch
+    hook.remove()
+    assert len(inputs) == window_count(tuple(volume.shape[2:]), WINDOW) == 2 * 3 * 2
+    pooled = torch.cat(inputs)
+    expected = pooled.mean((0, 2, 3, 4)), pooled.var((0, 2, 3, 4), unbiased=False)
+    batches = math.ceil(len(inputs) / WINDOWS_PER_BATCH)
+    assert len(used[first]) == 2 * batches  # the statistics pass, then the prediction
+    for mean, var in used[first][batches:]:
+        assert torch.allclose(mean, expected[0], atol=1e-5) and torch.allclose(var, expected[1], rtol=1e-4)
+    per_window = torch.stack([w.mean((1, 2, 3)) for w in inputs])
+    assert not torch.allclose(per_window[0], per_window[-1], atol=1e-3)  # windows' own statistics do differ
 
 
 def test_random_patches_crop_image_and_labels_alike() -> None:
@@ -125,10 +148,13 @@ def test_3d_adapters_update_exactly_their_parameters_reset_exactly_and_run_in_bo
     assert torch.equal(outputs[0], outputs[1]) and outputs[0].shape == first.shape
 
 
-def test_a_volume_pass_takes_as_many_patch_updates_as_hold_its_voxels(volume: torch.Tensor) -> None:
+def test_a_volume_pass_takes_as_many_patches_as_the_windows_that_predict_it(volume: torch.Tensor) -> None:
     adapter = _adapter_3d("tent")
-    assert adapter.patch_updates(volume) == max(1, round(12 * 28 * 20 / (8 * 16 * 16 * 2)))
-    assert adapter.patch_updates(torch.zeros(1, 1, 32, 64, 64)) == 32  # 16 windows of voxels, 2 a step
+    assert window_count((12, 28, 20), WINDOW) == 2 * 3 * 2  # 1 + ceil((n - w) / (w / 2)) along each axis
+    assert adapter.patch_updates(volume) == 6  # 12 windows, 2 patches an update
+    assert adapter.patch_updates(torch.zeros(1, 1, 32, 64, 64)) == math.ceil(7 * 7 * 7 / 2)
+    adapter.updates_per_pass = 3  # --patch-updates
+    assert adapter.patch_updates(volume) == 3
 
 
 @pytest.mark.parametrize("norm", ["instance", "group"])
