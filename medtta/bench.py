@@ -178,23 +178,28 @@ def configurations(space: dict[str, tuple[Any, ...]]) -> list[tuple[tuple[str, A
     return [tuple(zip(keys, values, strict=True)) for values in itertools.product(*(space[k] for k in keys))]
 
 
-def runs_in_dims(method: str, protocol: Protocol, config: BenchConfig) -> bool:
-    """Whether `method` adapts networks of the dimensions `protocol` runs in (`-a spatial_dims`, else its `dims`)."""
-    return requested_dims(protocol, config.run.arch_config) in ADAPTERS.get(method).spatial_dims
+def adapts_network(method: str, protocol: Protocol, config: BenchConfig) -> bool:
+    """Whether `method` adapts networks of the dimensions `protocol` runs in (`-a spatial_dims`, else its `dims`) and
+    of the normalization `-a norm` builds."""
+    cls = ADAPTERS.get(method)
+    return (requested_dims(protocol, config.run.arch_config) in cls.spatial_dims
+            and not cls.norm_refusal(config.run.arch_config.get("norm", "batch")))
 
 
 def grid(config: BenchConfig) -> list[Cell]:
     """Every cell, protocol by protocol (cells of one source model run together); a method is left out of a protocol
-    whose network dimensions it does not adapt (`left_out`)."""
+    whose network dimensions or normalization it does not adapt (`left_out`)."""
     return [Cell(m, p, seed, setting, swept) for p in config.protocols for seed in config.seeds
-            for setting in config.settings for m in config.methods if runs_in_dims(m, p, config)
+            for setting in config.settings for m in config.methods if adapts_network(m, p, config)
             for swept in configurations(config.sweeps.get(m, {}))]
 
 
 def left_out(config: BenchConfig) -> list[str]:
-    """`method on protocol (3D)` for every pair the grid leaves out, the method adapting other dimensions only."""
-    return [f"{m} on {p.name} ({requested_dims(p, config.run.arch_config)}D)"
-            for p in config.protocols for m in config.methods if not runs_in_dims(m, p, config)]
+    """`method on protocol (3D, instance norm)` for every pair the grid leaves out, the method adapting networks of
+    other dimensions or normalization only."""
+    norm = config.run.arch_config.get("norm", "batch")
+    return [f"{m} on {p.name} ({requested_dims(p, config.run.arch_config)}D, {norm} norm)"
+            for p in config.protocols for m in config.methods if not adapts_network(m, p, config)]
 
 
 def engine_of(cell: Cell, config: BenchConfig, progress: bool = False) -> Engine:
@@ -363,7 +368,7 @@ def bench(config: BenchConfig, progress: bool = True, echo: Callable[[str], None
     for message in messages:
         echo(f"Warning: {message}")
     if left_out(config):
-        echo(f"Left out, the method adapting networks of other dimensions only: {', '.join(left_out(config))}")
+        echo(f"Left out, the method adapting networks of other dimensions or norms only: {', '.join(left_out(config))}")
     cells = grid(config)
     todo, outcomes = sort_out(cells, config, MlflowClient(tracking_uri=uri))
     skipped = sum(o.status == "skipped" for o in outcomes)

@@ -129,9 +129,11 @@ def test_a_run_left_running_by_a_dead_process_is_marked_killed(dataset: Path, re
 def test_list_commands() -> None:
     code, out, _ = invoke("list", "adapters")
     lines = out.splitlines()
-    assert code == 0 and lines[0].split() == ["METHOD", "PARADIGM", "ARCHITECTURE", "DIMS", "SWEEP", "DESCRIPTION"]
-    rows = {line.split()[0]: line.split()[1:5] for line in lines[1:]}
-    assert rows["tent"] == ["output", "unet", "2,3", "lr=0.0001,0.001,0.01"] and rows["source"][3] == "-"
+    assert code == 0 and lines[0].split() == ["METHOD", "PARADIGM", "ARCHITECTURE", "DIMS", "NORMS", "SWEEP",
+                                               "DESCRIPTION"]
+    rows = {line.split()[0]: line.split()[1:6] for line in lines[1:]}
+    assert rows["tent"] == ["output", "unet", "2,3", "batch,instance,group", "lr=0.0001,0.001,0.01"]
+    assert rows["source"][4] == "-"
     assert rows["norm-net"][:2] == ["input", "unet-normalizer"]
     assert rows["ttt-rot"][:2] == ["feature", "unet-rotation"] and rows["source"][:2] == ["none", "unet"]
     assert "Karani et al. 2021: adapt the normalization sub-network" in out

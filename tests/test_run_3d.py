@@ -79,8 +79,9 @@ def test_list_adapters_shows_the_dimensions_each_method_adapts() -> None:
     code, out = invoke("list", "adapters")
     assert code == 0
     rows = {line.split()[0]: line.split() for line in out.splitlines()}
-    assert rows["METHOD"][:4] == ["METHOD", "PARADIGM", "ARCHITECTURE", "DIMS"]
+    assert rows["METHOD"][:5] == ["METHOD", "PARADIGM", "ARCHITECTURE", "DIMS", "NORMS"]
     assert rows["tent"][3] == "2,3" and rows["vptta"][3] == "2" and rows["sam-lora"][3] == "2"
+    assert rows["tent"][4] == "batch,instance,group" and rows["bn-stats"][4] == "batch" and rows["sam-lora"][4] == "-"
 
 
 def test_a_3d_bundle_evaluates_volumes_at_a_site(protocol_3d: Path, tmp_path: Path) -> None:
@@ -105,9 +106,14 @@ def test_a_3d_bundle_evaluates_volumes_at_a_site(protocol_3d: Path, tmp_path: Pa
     assert code != 0 and "--methods vptta: adapts 2D networks, but bundle" in text and "holds a 3D one" in text
 
 
-def test_a_grid_leaves_out_the_methods_of_other_dimensions_saying_so(protocol_3d: Path, tmp_path: Path) -> None:
-    code, out = invoke("bench", "--methods", "source,vptta", "--datasets", str(protocol_3d), "--epochs", "1",
-                       "--results", str(tmp_path / "results"), "-q")
+@pytest.mark.parametrize(("methods", "norm", "left"), [("source,vptta", "batch", "vptta"),
+                                                       ("source,bn-stats", "instance", "bn-stats")])
+def test_a_grid_leaves_out_the_methods_of_other_dimensions_or_norms_saying_so(protocol_3d: Path, tmp_path: Path,
+                                                                              methods: str, norm: str,
+                                                                              left: str) -> None:
+    code, out = invoke("bench", "--methods", methods, "--datasets", str(protocol_3d), "--epochs", "1", "-a",
+                       f"norm={norm}", "--results", str(tmp_path / "results"), "-q")
     assert code == 0, out
-    assert "Left out, the method adapting networks of other dimensions only: vptta on tiny-ct3d (3D)" in out
-    assert "vptta" not in out.split("Left out")[1].split("\n", 1)[1]  # no cell, no failure row
+    assert (f"Left out, the method adapting networks of other dimensions or norms only: {left} on tiny-ct3d (3D, "
+            f"{norm} norm)") in out
+    assert left not in out.split("Left out")[1].split("\n", 1)[1]  # no cell, no failure row

@@ -54,9 +54,10 @@ class EATA(Adapter):
 
     Per pixel, as the official code does per image: a pixel counts if its entropy is below E0 = `margin` ln C
     (0.4 ln C) and its softmax is not redundant, weighted by 1 / exp(entropy - E0); the loss is the mean over the
-    pixels that count, plus `fisher_alpha` (2000) sum_i F_i (theta_i - theta_i^source)^2 over the updated BatchNorm
-    affine parameters. A batch in which no pixel counts makes no step (as the official code). BatchNorm normalizes
-    with test-batch statistics, as TENT. `-p fisher_alpha=0` is the paper's ETA (no regularizer).
+    pixels that count, plus `fisher_alpha` (2000) sum_i F_i (theta_i - theta_i^source)^2 over the updated norm
+    affine parameters (BatchNorm's, or InstanceNorm's or GroupNorm's on such a network). A batch in which no pixel
+    counts makes no step (as the official code). BatchNorm normalizes with test-batch statistics, as TENT.
+    `-p fisher_alpha=0` is the paper's ETA (no regularizer).
 
     Redundancy: per pixel, not per slice: a slice's mean softmax is mostly background, so every slice would be
     redundant. A pixel is redundant when |cos(softmax, m)| >= eps (the official rule keeps |cos| < `d_margin`), m

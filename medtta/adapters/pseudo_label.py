@@ -19,9 +19,9 @@ class PseudoLabel(Adapter):
     """Cross-entropy towards the model's own confident per-pixel predictions (its argmax where its softmax exceeds
     `threshold`; other pixels do not count).
 
-    Hyper-parameters: `threshold` (0.9), `params`: `norm` (BatchNorm affine, with test-batch statistics, as TENT)
-    or `all` (every weight, BatchNorm still on test-batch statistics), Adam at `lr` (1e-3 for `norm`; lower it
-    for `all`).
+    Hyper-parameters: `threshold` (0.9), `params`: `norm` (the norm layers' affine parameters, BatchNorm on
+    test-batch statistics, as TENT) or `all` (every weight, BatchNorm still on test-batch statistics), Adam at `lr`
+    (1e-3 for `norm`; lower it for `all`).
     """
 
     paradigm: ClassVar[str] = "output"

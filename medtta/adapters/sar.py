@@ -24,8 +24,9 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class SAR(Adapter):
     """Entropy minimization on reliable pixels only (entropy below 0.4 ln C), with sharpness-aware minimization
-    (rho 0.05) over SGD with momentum 0.9 on the BatchNorm affine parameters, and model recovery: when the moving
-    average of the loss (0.9 / 0.1) falls below the threshold, the model and optimizer are reset.
+    (rho 0.05) over SGD with momentum 0.9 on the norm affine parameters (BatchNorm, InstanceNorm or GroupNorm), and
+    model recovery: when the moving average of the loss (0.9 / 0.1) falls below the threshold, the model and
+    optimizer are reset.
 
     Per pixel, as the official code filters per image. It leaves out the deepest layers ('layer4' of a ResNet):
     here the UNet's bottom block, whose BatchNorm stays fixed. BatchNorm uses test-batch statistics.

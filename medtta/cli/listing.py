@@ -26,17 +26,19 @@ def _echo_table(rows: list[tuple[str, ...]]) -> None:
 @click.argument("pattern", default="*")
 def list_adapters(pattern: str) -> None:
     """Adaptation methods with their paradigm (input, feature, output or prior, as in the MedSeg-TTA benchmark),
-    the source architecture they adapt, the networks they adapt (DIMS: 2D slices, 3D volumes), the search space
-    `medtta bench --sweep METHOD` tries and what they do (optionally filtered by an fnmatch PATTERN such as 'ttt*').
+    the source architecture they adapt, the networks they adapt (DIMS: 2D slices, 3D volumes; NORMS: the `-a norm`
+    values, '-' for an architecture without one), the search space `medtta bench --sweep METHOD` tries and what they
+    do (optionally filtered by an fnmatch PATTERN such as 'ttt*').
     """
-    from medtta.registry import ADAPTERS
+    from medtta.registry import ADAPTERS, ARCHITECTURES
 
-    rows = [("METHOD", "PARADIGM", "ARCHITECTURE", "DIMS", "SWEEP", "DESCRIPTION")]
+    rows = [("METHOD", "PARADIGM", "ARCHITECTURE", "DIMS", "NORMS", "SWEEP", "DESCRIPTION")]
     for name in ADAPTERS.list(pattern):
         cls = ADAPTERS.get(name)
         sweep = " ".join(f"{k}={','.join(map(str, v))}" for k, v in cls.sweep_space().items()) or "-"
-        rows.append((name, cls.paradigm, ",".join(cls.architectures()), ",".join(map(str, cls.spatial_dims)), sweep,
-                     ADAPTERS.describe(name)))
+        norms = ",".join(cls.norms) if "norm" in ARCHITECTURES.get(cls.architecture).defaults else "-"
+        rows.append((name, cls.paradigm, ",".join(cls.architectures()), ",".join(map(str, cls.spatial_dims)), norms,
+                     sweep, ADAPTERS.describe(name)))
     _echo_table(rows)
 
 
