@@ -363,7 +363,8 @@ class Engine:
                 "input_size": "x".join(map(str, p.preprocessing.size)), "input_spacing": p.preprocessing.spacing,
                 **({"patch_size": "x".join(map(str, p.preprocessing.patch)),
                     "slice_spacing": p.preprocessing.slice_spacing, "train_batch_size": p.training.batch_size,
-                    "patch_updates": c.patch_updates or "windows"} if p.preprocessing.dims == 3 else {}),
+                    "patch_updates": c.patch_updates or self.adapter_cls.updates_per_pass_3d or "windows"}
+                   if p.preprocessing.dims == 3 else {}),
                 "source_site_check": c.source_site_check, "precision": self.precision, **self._stream_params(),
                 **{f"hp.{k}": v for k, v in hparams.items()},
                 **{f"arch.{k}": v for k, v in {**self.architecture.defaults, **c.arch_config}.items()}}
@@ -426,7 +427,9 @@ class Engine:
             seed_everything(c.seed)
             adapter = create_adapter(c.method, copy.deepcopy(model), record, **c.hparams).to(self.device)
             adapter.use_precision(self.precision, self.device)
-            adapter.patches_per_update, adapter.updates_per_pass = c.batch_size, c.patch_updates
+            adapter.patches_per_update = c.batch_size
+            if c.patch_updates is not None:
+                adapter.updates_per_pass = c.patch_updates
             out_dir = self.results / "runs" / p.name / run_id
             cases = {site: dataset.cases_of(site, "test") for site in p.target_sites}
             stream = target_stream(self.setting, cases, c.seed, c.rounds, c.site_order)

@@ -58,6 +58,9 @@ class Adapter(nn.Module):
     own_criterion: ClassVar[str] = ""
     #: the networks the method adapts: 2D (slices) and/or 3D (volumes; `medtta.models.volumetric`)
     spatial_dims: ClassVar[tuple[int, ...]] = (2,)
+    #: 3D: updates per adaptation pass (a `--steps` step) over a volume; None: as many patches as the volume's sliding
+    #: windows, `patches_per_update` an update (a pass over the volume, as over its slices in 2D)
+    updates_per_pass_3d: ClassVar[int | None] = None
     #: the normalization layers (`-a norm`) of the networks the method adapts: a method that adapts normalization
     #: parameters adapts the affine parameters of whichever the network has; one that needs batch statistics
     #: declares ("batch",) and another norm is refused
@@ -97,7 +100,7 @@ class Adapter(nn.Module):
             p.requires_grad_(True)
         self.optimizer = self.make_optimizer(self.params) if self.params else None
         self.patches_per_update = 2  # 3D: random patches of the volume per update (the engine's batch size)
-        self.updates_per_pass: int | None = None  # 3D: updates per pass over a volume (None: `patch_updates`)
+        self.updates_per_pass = self.updates_per_pass_3d  # 3D: updates per pass (`--patch-updates` sets it)
         self.use_precision("fp32", torch.device("cpu"))
         self._initial_state = self.snapshot()
 
@@ -202,9 +205,9 @@ class Adapter(nn.Module):
         return random_patches(x, self.model.window, n or self.patches_per_update)[0]
 
     def patch_updates(self, x: torch.Tensor) -> int:
-        """Updates in one pass over the 3D volume `x`: `updates_per_pass` when set, else as many patches as the
-        sliding windows that predict it, `patches_per_update` at a time (a pass sees the volume once, as a pass
-        over a volume's slices does in 2D)."""
+        """Updates in one pass over the 3D volume `x`: `updates_per_pass` when set (the method's
+        `updates_per_pass_3d` or `--patch-updates`), else as many patches as the sliding windows that predict it,
+        `patches_per_update` at a time (a pass sees the volume once, as a pass over a volume's slices does in 2D)."""
         if self.updates_per_pass is not None:
             return self.updates_per_pass
         return math.ceil(window_count(tuple(x.shape[2:]), self.model.window) / self.patches_per_update)

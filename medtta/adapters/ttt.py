@@ -30,6 +30,10 @@ class TestTimeTraining(Adapter):
     """
 
     __test__ = False  # not a pytest class, despite the name
+    #: both papers' steps are updates on one batch of the test input: in 3D one update (of `patches_per_update`
+    #: patches) a step, not a pass over the volume's windows (ttt-rot's 10 steps x 20 windows' worth of updates
+    #: took synth-ct3d's source site from 0.835 to 0.048)
+    updates_per_pass_3d: ClassVar[int | None] = 1
     paradigm: ClassVar[str] = "feature"
     logits_in_objective: ClassVar[bool] = False
     momentum: ClassVar[float] = 0.0

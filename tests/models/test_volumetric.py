@@ -155,6 +155,7 @@ def test_a_volume_pass_takes_as_many_patches_as_the_windows_that_predict_it(volu
     assert adapter.patch_updates(torch.zeros(1, 1, 32, 64, 64)) == math.ceil(7 * 7 * 7 / 2)
     adapter.updates_per_pass = 3  # --patch-updates
     assert adapter.patch_updates(volume) == 3
+    assert _adapter_3d("ttt-rot").patch_updates(volume) == 1  # TTT's steps are updates on one batch
 
 
 @pytest.mark.parametrize("norm", ["instance", "group"])
