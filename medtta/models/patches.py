@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from medtta.models.base import SourceVolume
-from medtta.models.volumetric import Window, padded_to, random_patches
+from medtta.models.volumetric import Window, padded_to, random_patches, window_at
 
 OVERSAMPLE_FOREGROUND = 0.33  # nnU-Net's oversample_foreground_percent
 
@@ -25,9 +25,8 @@ def foreground_patch(x: torch.Tensor, labels: torch.Tensor, window: Window,
     chosen = classes[int(torch.randint(len(classes), (1,), generator=generator))]
     voxels = (labels[0] == chosen).nonzero()
     centre = voxels[int(torch.randint(len(voxels), (1,), generator=generator))].tolist()
-    corner = (min(max(c - n // 2, 0), s - n) for c, n, s in zip(centre, window, labels.shape[1:], strict=True))
-    region = (..., *(slice(c, c + n) for c, n in zip(corner, window, strict=True)))
-    return x[region], labels[region]
+    corner = [min(max(c - n // 2, 0), s - n) for c, n, s in zip(centre, window, labels.shape[1:], strict=True)]
+    return window_at(x, corner, window), window_at(labels, corner, window)
 
 
 def training_patches(volumes: list[SourceVolume], window: Window, generator: torch.Generator | None = None

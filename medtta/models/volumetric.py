@@ -13,7 +13,7 @@ on source-site volumes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -52,9 +52,14 @@ def random_patches(x: torch.Tensor, window: Window, n: int, labels: torch.Tensor
                 zip(x.shape[2:], window, strict=True)] for _ in range(n)]
 
     def crop(t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t[..., d:d + window[0], h:h + window[1], w:w + window[2]] for d, h, w in corners])
+        return torch.cat([window_at(t, corner, window) for corner in corners])
 
     return crop(x), None if labels is None else crop(labels)
+
+
+def window_at(t: torch.Tensor, corner: Iterable[int], window: Window) -> torch.Tensor:
+    """The `window` of the (..., D, H, W) tensor `t` whose first voxel is at `corner`."""
+    return t[(..., *(slice(c, c + n) for c, n in zip(corner, window, strict=True)))]
 
 
 def _batch_statistic_layers(module: nn.Module) -> list[nn.Module]:
