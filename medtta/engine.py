@@ -27,8 +27,8 @@ from medtta.adapters.sar import pixel_entropy
 from medtta.data.cache import PreparedVolume, VolumeCache, digest, save_atomic, validated_checksums
 from medtta.data.datasets import Dataset, open_dataset
 from medtta.data.layout import Case, load_volume
+from medtta.data.pipeline import Pipeline
 from medtta.data.plans import plan_3d
-from medtta.data.preprocess import to_native
 from medtta.errors import MedttaError, MedttaWarning
 from medtta.metrics import collapse_reason, foreground_voxels, mean, volume_dice, volume_metrics
 from medtta.models.training import load_statistics, source_model
@@ -157,16 +157,18 @@ def method_source_model(method: str, protocol: Protocol, dataset: Dataset, seed:
                         progress, cls.statistics_to_compute(), precision)
 
 
-def requested_dims(protocol: Protocol, arch_config: dict[str, Any]) -> Any:
-    """The network dimensions a run asks for: `-a spatial_dims`, else the protocol's `dims` (not yet checked)."""
-    return arch_config.get("spatial_dims", protocol.preprocessing.dims)
+def requested_dims(protocol: Protocol, arch_config: dict[str, Any], architecture: str | None = None) -> Any:
+    """The network dimensions a run asks for: `-a spatial_dims`, else those the architecture's config fixes (a given
+    nnU-Net's), else the protocol's `dims` (not yet checked)."""
+    fixed = ARCHITECTURES.get(architecture).dims_of(arch_config) if architecture else None
+    return arch_config.get("spatial_dims", fixed or protocol.preprocessing.dims)
 
 
 def network_dims(protocol: Protocol, arch_config: dict[str, Any], architecture: str
                  ) -> tuple[Protocol, dict[str, Any]]:
     """The protocol and architecture config in the dimensions the network runs in: `-a spatial_dims`, else the
     protocol's `dims`; the architecture gets `spatial_dims` when it has that key. Fails when it is 2D only."""
-    dims = requested_dims(protocol, arch_config)
+    dims = requested_dims(protocol, arch_config, architecture)
     arch_config = {k: v for k, v in arch_config.items() if k != "spatial_dims"}
     if dims not in (2, 3):
         raise MedttaError(f"-a spatial_dims={dims}: expected 2 (slices) or 3 (volumes)")
@@ -186,12 +188,12 @@ def resolve_dims(protocol: Protocol, config: RunConfig, architecture: str) -> tu
     """`network_dims` for a run, which also fails when the method does not adapt networks of those dimensions, or
     of the normalization `-a norm` builds; the batch size defaults to 32 slices or 2 patches."""
     cls = ADAPTERS.get(config.method)
-    dims = requested_dims(protocol, config.arch_config)
+    dims = requested_dims(protocol, config.arch_config, architecture)
     if dims in (2, 3) and dims not in cls.spatial_dims:
         raise MedttaError(f"{config.method} adapts {' and '.join(f'{d}D' for d in cls.spatial_dims)} networks, not "
                           f"{dims}D ({_dims_hint(protocol, dims)})")
     protocol, arch_config = network_dims(protocol, config.arch_config, architecture)
-    norm = {**ARCHITECTURES.get(architecture).defaults, **arch_config}.get("norm", "batch")
+    norm = ARCHITECTURES.get(architecture).norm_of(arch_config)
     refusal = cls.norm_refusal(norm)
     if refusal:
         raise MedttaError(f"{config.method} {refusal} (use -a norm={cls.norms[0]})")
@@ -230,7 +232,7 @@ def prepare_dataset(protocol: Protocol, cache: Path, progress: bool = True) -> t
     trained or logged, and its cases preprocessed on demand (cached too)."""
     dataset = open_dataset(protocol)
     checksums = validated_checksums(dataset, cache, progress)
-    return dataset, VolumeCache(dataset, checksums, protocol.preprocessing, cache)
+    return dataset, VolumeCache(dataset, checksums, Pipeline(protocol.preprocessing), cache)
 
 
 class SourcePredictions:
@@ -241,10 +243,12 @@ class SourcePredictions:
     def __init__(self, model: torch.nn.Module, record: dict[str, Any], protocol: Protocol, volumes: VolumeCache,
                  device: torch.device, batch_size: int = 32, cache: Path | None = None,
                  precision: str = "fp32") -> None:
-        """`record`: the model's training record (`source_model`), whose checkpoint name identifies the model."""
+        """`record`: the model's training record (`source_model`), whose `model_id` (else checkpoint name) identifies
+        the model; `volumes` are prepared by the model's pipeline (`VolumeCache.with_pipeline`)."""
         self.model, self.protocol, self.volumes = model, protocol, volumes
         self.device, self.batch_size, self.precision = device, batch_size, precision
-        model_id = f"{Path(record['checkpoint']).stem}-{device.type}{'' if precision == 'fp32' else '-' + precision}"
+        name = record.get("model_id") or Path(record["checkpoint"]).stem
+        model_id = f"{name}-{device.type}{'' if precision == 'fp32' else '-' + precision}"
         self.dir = cache / "unadapted" / model_id if cache is not None else None
 
     def of(self, case: Case) -> tuple[PreparedVolume, Unadapted]:
@@ -257,7 +261,7 @@ class SourcePredictions:
         p, x = self.protocol, prepared.x.to(self.device)
         with autocast(self.precision, self.device):
             logits, seconds = timed(lambda: predict_unadapted(self.model, x, self.batch_size), self.device)
-        pred = to_native(logits, prepared.volume, p.preprocessing)
+        pred = self.volumes.pipeline.to_native(logits, prepared.volume, prepared.meta)
         result = Unadapted(pred, volume_dice(pred, torch.as_tensor(prepared.volume.label), p.scored_labels)["dice"],
                            seconds)
         if path is not None:
@@ -378,8 +382,8 @@ class Engine:
     def cell(self) -> str:
         """The identity of what this run computes: a finished run with the same cell need not run again."""
         params = self.params()
-        for key, default in (("source_site_check", False), ("precision", "fp32")):
-            if params[key] == default:  # the identity cells had before the option existed: old stores resume
+        for key, default in (("source_site_check", False), ("precision", "fp32"), ("arch.source_aug", "none")):
+            if params.get(key) == default:  # the identity cells had before the option existed: old stores resume
                 del params[key]
         return digest([params, dataclasses.asdict(dataclasses.replace(self.protocol, source=""))])
 
@@ -388,10 +392,12 @@ class Engine:
 
     def tags(self) -> dict[str, Any]:
         p = self.protocol
+        source_aug = {**self.architecture.defaults, **self.config.arch_config}.get("source_aug", "none")
         return {"medtta.method": self.config.method, "medtta.architecture": self.architecture_name,
                 "medtta.paradigm": self.adapter_cls.paradigm, "medtta.protocol": p.name, "medtta.modality": p.modality,
                 "medtta.setting": self.setting, "medtta.seed": self.config.seed,
                 "medtta.dims": p.preprocessing.dims, "medtta.site": p.source_site,
+                "medtta.source_aug": source_aug,
                 "medtta.cell": self.cell(), "medtta.config": self.config_tag(), "medtta.host": socket.gethostname(),
                 "medtta.pid": os.getpid()}
 
@@ -401,6 +407,7 @@ class Engine:
         c = self.config
         model, record = method_source_model(c.method, self.protocol, dataset, c.seed, self.results, self.device,
                                             c.arch_config, c.progress, self.architecture_name, self.precision)
+        volumes = volumes.with_pipeline(model.pipeline(self.protocol.preprocessing))
         return model, record, SourcePredictions(model, record, self.protocol, volumes, self.device, c.batch_size,
                                                 self.cache, self.precision)
 
@@ -522,7 +529,7 @@ class Engine:
             logits, seconds = timed(lambda: adapt_and_predict(adapter, x, self.setting, self.steps, c.batch_size),
                                     self.device)
         reference = torch.as_tensor(prepared.volume.label)
-        pred = to_native(logits, prepared.volume, p.preprocessing)
+        pred = unadapted.volumes.pipeline.to_native(logits, prepared.volume, prepared.meta)
         row = {"case_id": case.case_id, "site": site, "dice_source": source.dice,
                **volume_metrics(pred, reference, p.scored_labels, prepared.volume.spacing),
                "foreground_source": foreground_voxels(source.pred, p.scored_labels),

@@ -136,5 +136,20 @@ def trained_sources_3d(tmp_path_factory: pytest.TempPathFactory) -> Callable[[st
 
 def _statistics_of(architecture: str) -> dict[str, Any]:
     """The source statistics every method adapting `architecture` asks for."""
-    return {name: compute for method in ADAPTERS.list() if ADAPTERS.get(method).architecture == architecture
+    return {name: compute for method in ADAPTERS.list() if architecture in ADAPTERS.get(method).architectures()
             for name, compute in ADAPTERS.get(method).statistics_to_compute().items()}
+
+
+@pytest.fixture(scope="session")
+def trained_nnunet(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], TrainedSource]:
+    """`trained_nnunet(dims)`: an nnU-Net (3d_fullres, or 2d) planned, preprocessed and trained by nnunetv2 through
+    medtta, once per test session, on the small synth-ct3d site A of `trained_sources_3d`: 4 features at the top
+    stage, 2 epochs of 3 iterations (a real results folder, not a useful model)."""
+    pytest.importorskip("nnunetv2")
+    root = tmp_path_factory.mktemp("nnunet")
+    generate_ct3d(root / "ct3d", seed=1, cases={"A": 6, "B": 2}, splits={"A": [3, 1]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MedttaWarning)
+        protocol = resolve_protocol(str(root / "ct3d"), "A")
+    get = _trainer(protocol, root, {})
+    return lambda dims=3: get("nnunet", spatial_dims=dims, nnunet_epochs=2, nnunet_iterations=3, nnunet_features=4)

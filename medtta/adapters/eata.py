@@ -79,6 +79,7 @@ class EATA(Adapter):
     EATA differs from TENT only by what the method adds (the filters and the Fisher regularizer).
     """
 
+    other_architectures: ClassVar[tuple[str, ...]] = ("nnunet",)  # a trained nnU-Net (InstanceNorm)
     paradigm: ClassVar[str] = "output"
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     own_criterion: ClassVar[str] = "entropy"  # its loss: selecting by entropy selects by its own objective

@@ -29,6 +29,7 @@ class MeanTeacher(Adapter):
     statistics in both; Adam at `lr`; the teacher is updated after each step.
     """
 
+    other_architectures: ClassVar[tuple[str, ...]] = ("nnunet",)  # a trained nnU-Net (InstanceNorm)
     paradigm: ClassVar[str] = "output"
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-4, "ema": 0.999, "contrast": 0.1, "noise": 0.1}

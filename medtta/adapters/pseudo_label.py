@@ -24,6 +24,7 @@ class PseudoLabel(Adapter):
     (1e-3 for `norm`; lower it for `all`).
     """
 
+    other_architectures: ClassVar[tuple[str, ...]] = ("nnunet",)  # a trained nnU-Net (InstanceNorm)
     paradigm: ClassVar[str] = "output"
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "threshold": 0.9, "params": "norm"}

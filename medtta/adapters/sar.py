@@ -42,6 +42,7 @@ class SAR(Adapter):
     - A step without reliable pixels leaves the moving average as it is (the official code skips its NaN loss).
     """
 
+    other_architectures: ClassVar[tuple[str, ...]] = ("nnunet",)  # a trained nnU-Net (InstanceNorm)
     paradigm: ClassVar[str] = "output"
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     own_criterion: ClassVar[str] = "entropy"  # its loss: selecting by entropy selects by its own objective

@@ -10,4 +10,5 @@ from medtta.adapters.base import Adapter
 class SourceOnly(Adapter):
     """No adaptation: the source model with its training-time BatchNorm statistics."""
 
+    other_architectures: ClassVar[tuple[str, ...]] = ("nnunet",)  # a trained nnU-Net (InstanceNorm)
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)

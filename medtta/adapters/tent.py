@@ -20,6 +20,7 @@ class Tent(Adapter):
     each input's own statistics anyway.
     """
 
+    other_architectures: ClassVar[tuple[str, ...]] = ("nnunet",)  # a trained nnU-Net (InstanceNorm)
     paradigm: ClassVar[str] = "output"
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     own_criterion: ClassVar[str] = "entropy"  # its loss: selecting by entropy selects by its own objective

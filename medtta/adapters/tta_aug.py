@@ -32,6 +32,7 @@ class TestTimeAugmentation(Adapter):
     (0.81 -> 0.74 on the test suite's small cardiac model). Turn them on for a model trained with them.
     """
 
+    other_architectures: ClassVar[tuple[str, ...]] = ("nnunet",)  # a trained nnU-Net (InstanceNorm)
     paradigm: ClassVar[str] = "output"
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     defaults: ClassVar[dict[str, Any]] = {"flip": False, "rotations": False, "contrast": 0.1, "gamma": 0.25}
@@ -44,7 +45,7 @@ class TestTimeAugmentation(Adapter):
         for key in ("contrast", "gamma"):
             if not 0 <= h[key] < 1:
                 raise RegistryError(f"{type(self).__name__} hyper-parameter {key} must be in [0, 1), got {h[key]}")
-        kind = self.intensity_views[getattr(model, "config", {}).get("norm", "batch")]
+        kind = self.intensity_views[model.norm_of(model.config) if hasattr(model, "norm_of") else "batch"]
         intensity = [View(**{kind: 1 + sign * h[kind]}) for sign in (-1, 1)] if h[kind] else []
         self.views = {dims: [View(turns, flips) for turns in range(4 if h["rotations"] else 1)
                              for flips in (flip_sets[dims] if h["flip"] else [()])] + intensity

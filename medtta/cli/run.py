@@ -22,9 +22,11 @@ from medtta.streams import SETTINGS
 @click.option("--seed", default=0, show_default=True, type=int, help="Fixes source training and adaptation.")
 @click.option("--architecture", help="Source architecture the method adapts, when it adapts several (see `medtta list "
                                      "architectures`; default: the method's first, or the one --checkpoint fits).")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Pretrained weights the architecture starts from (a SAM or MedSAM .pth or .safetensors); "
-                   "nothing is downloaded. Same as -a checkpoint=PATH.")
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path),
+              help="Pretrained weights the architecture starts from: a SAM or MedSAM .pth or .safetensors (same as "
+                   "-a checkpoint=PATH), or a trained nnU-Net v2 results folder of one configuration, e.g. "
+                   ".../nnUNetTrainer__nnUNetPlans__3d_fullres (--architecture nnunet; -a fold=N, "
+                   "-a checkpoint=final|best). Nothing is downloaded.")
 @engine_options
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
               help="Method hyper-parameter, e.g. -p lr=1e-4; repeatable.")
@@ -48,7 +50,10 @@ def run(method, dataset, source_site, target_sites, setting, seed, architecture,
 
     quiet_mlflow()
     arch_config = parse_params(arch_params, "--arch-param")
-    if checkpoint is not None:
+    if checkpoint is not None and checkpoint.is_dir():  # an nnU-Net results folder
+        arch_config["model_folder"] = str(checkpoint.resolve())
+        architecture = architecture or "nnunet"
+    elif checkpoint is not None:
         from medtta.models.sam import checkpoint_architecture
 
         arch_config["checkpoint"] = str(checkpoint)

@@ -24,6 +24,9 @@ def _folder_size(folder: Path) -> int:
                    "of its architecture only.")
 @click.option("--arch-param", "-a", "arch_params", multiple=True, metavar="KEY=VALUE",
               help="Architecture config, as for `medtta run`; repeatable.")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A trained nnU-Net v2 results folder of one configuration to ship (--architecture nnunet; same as "
+                   "-a model_folder=PATH).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the source model.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Source-training epochs (default: the protocol's).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -32,7 +35,8 @@ def _folder_size(folder: Path) -> int:
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path),
               help="Results dir holding the model cache (default: $MEDTTA_RESULTS or ./medtta-results).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def export(dataset, source_site, architecture, arch_params, seed, epochs, out, device, results, quiet) -> None:
+def export(dataset, source_site, architecture, arch_params, checkpoint, seed, epochs, out, device, results,
+           quiet) -> None:
     """Write a self-contained model bundle for hospital-site evaluation.
 
     Trains the source model if it is not cached, computes the source statistics every method of the architecture
@@ -43,8 +47,11 @@ def export(dataset, source_site, architecture, arch_params, seed, epochs, out, d
     from medtta.site.export import export_bundle
 
     protocol = resolve_protocol(dataset, source_site)
-    manifest = export_bundle(protocol, out, architecture, seed, parse_params(arch_params, "--arch-param"), epochs,
-                             device, results, progress=not quiet)
+    arch_config = parse_params(arch_params, "--arch-param")
+    if checkpoint is not None:
+        arch_config["model_folder"], architecture = str(checkpoint.resolve()), "nnunet"
+    manifest = export_bundle(protocol, out, architecture, seed, arch_config, epochs, device, results,
+                             progress=not quiet)
     src = manifest["source"]
     stats = ", ".join(manifest["files"]["statistics"]) or "none"
     click.echo(f"Bundle {out}: {architecture} trained on site {src['site']} of {protocol.name} (seed {seed}), "

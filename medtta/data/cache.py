@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +15,9 @@ import torch
 
 from medtta.data.checks import check_dataset
 from medtta.data.layout import Case, Dataset, Volume, load_volume, sha256
-from medtta.data.preprocess import image_input
+from medtta.data.pipeline import Pipeline
 from medtta.errors import DataError
 from medtta.progress import progress_bar
-from medtta.protocol import Preprocessing
 
 _SHOWN_PROBLEMS = 5
 
@@ -72,39 +71,43 @@ def validated_checksums(dataset: Dataset, cache: Path, progress: bool = True) ->
 
 @dataclass(frozen=True)
 class PreparedVolume:
-    """A case as the engine uses it: its network input, and the reference labels and spacing of the native
-    volume that predictions are brought back to."""
+    """A case as the engine uses it: its network input, the reference labels and spacing of the native
+    volume that predictions are brought back to, and what else the pipeline needs for that (`meta`)."""
 
     x: torch.Tensor  # (slices, 1, H, W) float; 3D: (1, 1, D, H, W)
     volume: Volume  # label and spacing of the native volume; the image is left out (the slices hold it)
+    meta: dict = field(default_factory=dict)  # e.g. nnU-Net's crop box and shapes (`Pipeline.prepare`)
 
 
 class VolumeCache:
-    """Cases preprocessed once: `get(case)` loads and preprocesses it, or reads it from
-    `<cache>/volumes/<key>.pt`, keyed by the case's checksums, the labels and the preprocessing."""
+    """Cases preprocessed once: `get(case)` loads and preprocesses it with the `pipeline`, or reads it from
+    `<cache>/volumes/<key>.pt`, keyed by the case's checksums, the labels and the pipeline's key."""
 
-    def __init__(self, dataset: Dataset, checksums: dict[str, str], preprocessing: Preprocessing,
-                 cache: Path | None) -> None:
-        self.dataset, self.checksums, self.prep = dataset, checksums, preprocessing
+    def __init__(self, dataset: Dataset, checksums: dict[str, str], pipeline: Pipeline, cache: Path | None) -> None:
+        self.dataset, self.checksums, self.pipeline, self.cache = dataset, checksums, pipeline, cache
         self.dir = cache / "volumes" if cache is not None else None
+
+    def with_pipeline(self, pipeline: Pipeline) -> VolumeCache:
+        """The same cases, prepared by another pipeline (a model's own, `Architecture.pipeline`)."""
+        return VolumeCache(self.dataset, self.checksums, pipeline, self.cache)
 
     def key(self, case: Case) -> str:
         """The case's identity for every cache: its file contents, labels and preprocessing."""
         files = [self.checksums.get(str(path.relative_to(self.dataset.root))) or sha256(path)
                  for path in (case.image, case.label)]
-        return digest([files, self.dataset.labels, asdict(self.prep)])
+        return digest([files, self.dataset.labels, self.pipeline.key()])
 
     def get(self, case: Case) -> PreparedVolume:
         path = self.dir / f"{self.key(case)}.pt" if self.dir is not None else None
         if path is not None and path.is_file():
             saved = torch.load(path, weights_only=True)
             label = saved["label"].numpy()
-            return PreparedVolume(saved["x"],
-                                  Volume(case.case_id, None, label, tuple(saved["spacing"].tolist())))
+            return PreparedVolume(saved["x"], Volume(case.case_id, None, label, tuple(saved["spacing"].tolist())),
+                                  saved.get("meta", {}))
         full = load_volume(case, self.dataset.labels)
-        prepared = PreparedVolume(image_input(full, self.prep),
-                                  Volume(case.case_id, None, full.label, full.spacing))
+        x, meta = self.pipeline.prepare(full)
+        prepared = PreparedVolume(x, Volume(case.case_id, None, full.label, full.spacing), meta)
         if path is not None:
             save_atomic({"x": prepared.x, "label": torch.as_tensor(np.ascontiguousarray(full.label)),
-                         "spacing": torch.tensor(full.spacing, dtype=torch.float64)}, path)
+                         "spacing": torch.tensor(full.spacing, dtype=torch.float64), "meta": meta}, path)
         return prepared

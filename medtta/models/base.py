@@ -12,13 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from monai.losses import DiceCELoss
-from monai.networks.blocks import Convolution
 from torch import nn
 
+from medtta.data.layout import Dataset
+from medtta.data.pipeline import Pipeline
+from medtta.protocol import Preprocessing, Protocol
 from medtta.registry import check_keys
 
 _SEGMENTATION_LOSS = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -87,6 +90,35 @@ class Architecture(nn.Module):
     def source_losses(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The weighted terms of the source-training objective on a batch of slices (their sum is minimized)."""
         return {"segmentation": segmentation_loss(self(x), labels)}
+
+    @classmethod
+    def own_source(cls, protocol: Protocol, dataset: Dataset, seed: int, results: Path, device: torch.device,
+                   config: dict[str, Any], progress: bool = True) -> tuple[Architecture, dict[str, Any]] | None:
+        """A source model this architecture loads or trains its own way (an nnU-Net: a given results folder, or
+        nnunetv2's training), with its training record (`val_dice`, `seconds`, `checkpoint`, `model_id`, `cached`);
+        None: medtta's training loop trains it (`medtta.models.training`)."""
+        return None
+
+    @classmethod
+    def dims_of(cls, config: dict[str, Any]) -> int | None:
+        """The dimensions `config` fixes (a given nnU-Net's configuration), or None: the protocol's or
+        `-a spatial_dims`."""
+        return None
+
+    @classmethod
+    def norm_of(cls, config: dict[str, Any]) -> str:
+        """The normalization (`batch`, `instance`, `group`) of the network `config` builds (`-a norm`)."""
+        return {**cls.defaults, **config}.get("norm", "batch")
+
+    def pipeline(self, prep: Preprocessing) -> Pipeline:
+        """How volumes become this network's input and its logits label maps: the protocol's preprocessing `prep`,
+        unless the network comes with preprocessing of its own (an nnU-Net's plans)."""
+        return Pipeline(prep)
+
+    def export_files(self, out: Path) -> dict[str, Any]:
+        """Write what the network needs besides its weights into the bundle folder `out` (an nnU-Net's plans);
+        returns the config entries that point to them, relative to `out`."""
+        return {}
 
     def post_training(self) -> list[Stage]:
         """Models trained after the network, in order, each cached with its own checkpoint."""
@@ -157,15 +189,28 @@ def batch_statistics(module: nn.Module) -> Iterator[None]:
 
 
 def weights_under_batch_statistics(model: nn.Module) -> list[nn.Parameter]:
-    """Every parameter but the conv biases that the following norm cancels when it normalizes each channel with the
-    statistics of its own input (in MONAI `Convolution` blocks, conv then norm): BatchNorm on batch statistics,
-    InstanceNorm always. Their gradient is zero up to rounding, which Adam would blow up into steps of full size.
-    GroupNorm subtracts a mean over several channels, which leaves a per-channel bias its effect."""
+    """Every parameter but those the output does not depend on: the conv biases that the following norm cancels when
+    it normalizes each channel with the statistics of its own input (a conv-then-norm block: MONAI's `Convolution`,
+    nnU-Net's `ConvDropoutNormReLU`): BatchNorm on batch statistics, InstanceNorm always; and an nnU-Net's unused
+    deep-supervision heads. Their gradient is zero (up to rounding), which Adam would blow up into steps of full
+    size. GroupNorm subtracts a mean over several channels, which leaves a per-channel bias its effect."""
     per_channel = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-    inert = {id(block.conv.bias) for block in model.modules() if isinstance(block, Convolution)
-             and block.conv.bias is not None and isinstance(getattr(getattr(block, "adn", None), "N", None),
-                                                             per_channel)}
+
+    def norm_after_conv(block: nn.Module) -> nn.Module | None:
+        return getattr(getattr(block, "adn", None), "N", None) or getattr(block, "norm", None)
+
+    inert = {id(block.conv.bias) for block in model.modules()
+             if isinstance(getattr(block, "conv", None), nn.modules.conv._ConvNd) and block.conv.bias is not None
+             and isinstance(norm_after_conv(block), per_channel)}
+    inert |= {id(p) for p in unused_heads(model)}
     return [p for p in model.parameters() if id(p) not in inert]
+
+
+def unused_heads(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of an nnU-Net's deep-supervision heads, which its decoder keeps but does not run when deep
+    supervision is off (at inference and test time): every segmentation layer but the last."""
+    return [p for m in model.modules() if hasattr(m, "seg_layers") and getattr(m, "deep_supervision", True) is False
+            for layer in m.seg_layers[:-1] for p in layer.parameters()]
 
 
 def params_of(modules: list[nn.Module]) -> list[nn.Parameter]:

@@ -23,11 +23,13 @@ from torch import nn
 
 from medtta.data.cache import digest, save_atomic
 from medtta.data.layout import Dataset, load_volume, sha256
-from medtta.data.preprocess import image_input, label_input, to_native
+from medtta.data.pipeline import Pipeline
+from medtta.data.preprocess import to_native
 from medtta.errors import DataError
 from medtta.metrics import mean, volume_dice
-from medtta.models import build_network
+from medtta.models import ARCHITECTURES, build_network
 from medtta.models.base import Architecture, SourceStatistics, SourceVolume, Stage
+from medtta.models.dg_augment import source_augmentation
 from medtta.models.patches import training_patches
 from medtta.precision import autocast, grad_scaler
 from medtta.progress import progress_bar
@@ -79,6 +81,7 @@ class SourceData:
 
     protocol: Protocol
     dataset: Dataset
+    pipeline: Pipeline | None = None  # how volumes become network input and labels; None: the protocol's
 
     def _volumes(self, split: str) -> list:
         return [load_volume(c, self.dataset.labels) for c in self.dataset.cases_of(self.protocol.source_site, split)]
@@ -93,9 +96,8 @@ class SourceData:
 
     @cached_property
     def volumes(self) -> dict[str, list[SourceVolume]]:
-        prep = self.protocol.preprocessing
-        return {split: [(image_input(v, prep), label_input(v, prep)) for v in volumes]
-                for split, volumes in self.raw.items()}
+        pipeline = self.pipeline or Pipeline(self.protocol.preprocessing)
+        return {split: [pipeline.source_volume(v) for v in volumes] for split, volumes in self.raw.items()}
 
 
 def _batches(n: int, size: int, rng: np.random.Generator, min_size: int = 1) -> Iterator[torch.Tensor]:
@@ -128,15 +130,16 @@ def train_network(model: Architecture, data: SourceData, seed: int, device: torc
     keep the weights with the best mean validation Dice."""
     cfg = data.protocol.training
     rng = np.random.default_rng(seed)
+    augment = source_augmentation_of(model, seed)
     if data.protocol.preprocessing.dims == 3:
-        batch_losses = _patch_losses(model, data.volumes["train"], cfg.batch_size, seed, device)
+        batch_losses = _patch_losses(model, data.volumes["train"], cfg.batch_size, seed, device, augment)
     else:
         images = torch.cat([x for x, _ in data.volumes["train"]])
         labels = torch.cat([y for _, y in data.volumes["train"]])
 
         def batch_losses(epoch: int) -> Iterator[torch.Tensor]:
             for idx in _batches(len(images), cfg.batch_size, rng, min_size=2):  # a batch of one breaks BatchNorm
-                yield sum(model.source_losses(images[idx].to(device), labels[idx].to(device)).values())
+                yield sum(model.source_losses(augment(images[idx]).to(device), labels[idx].to(device)).values())
 
     best = fit(model, model.network_parameters(), cfg.epochs, cfg.lr, batch_losses,
                lambda: _validation_dice(model, data, device),
@@ -144,8 +147,19 @@ def train_network(model: Architecture, data: SourceData, seed: int, device: torc
     return {"val_dice": best["score"], "epoch": best["epoch"], "seconds": best["seconds"]}
 
 
+def source_augmentation_of(model: Architecture, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The DG pre-training augmentation of the model's `source_aug` (`medtta.models.dg_augment`), drawn from a
+    generator of the seed; the identity without one."""
+    augment = source_augmentation(model.config.get("source_aug", "none"))
+    if augment is None:
+        return lambda x: x
+    generator = torch.Generator().manual_seed(seed)
+    return lambda x: augment(x, generator)
+
+
 def _patch_losses(model: Architecture, volumes: list[SourceVolume], batch_size: int, seed: int,
-                  device: torch.device) -> Callable[[int], Iterator[torch.Tensor]]:
+                  device: torch.device, augment: Callable[[torch.Tensor], torch.Tensor]
+                  ) -> Callable[[int], Iterator[torch.Tensor]]:
     """3D source training: each epoch, every train volume gives one patch of the model's window (`training_patches`:
     a third centred on foreground), in batches of `batch_size` patches (a last batch of one is dropped: it breaks
     BatchNorm)."""
@@ -155,7 +169,7 @@ def _patch_losses(model: Architecture, volumes: list[SourceVolume], batch_size: 
         order = torch.randperm(len(volumes), generator=generator).tolist()
         for start in range(0, len(order) - 1, batch_size):
             x, y = training_patches([volumes[i] for i in order[start:start + batch_size]], model.window, generator)
-            yield sum(model.source_losses(x.to(device), y.to(device)).values())
+            yield sum(model.source_losses(augment(x).to(device), y.to(device)).values())
 
     return batch_losses
 
@@ -208,7 +222,8 @@ def cache_key(protocol: Protocol, dataset: Dataset, architecture: str, model: Ar
     reuses its model, and an edited one does not), the architecture and the config it trains with."""
     files = sorted((c.case_id, c.split, sha256(c.image), sha256(c.label))
                    for c in dataset.cases_of(protocol.source_site) if c.split in ("train", "val"))
-    return [TRAINING_VERSION, architecture, model.network_config(), protocol.labels, asdict(protocol.preprocessing),
+    config = {k: v for k, v in model.network_config().items() if (k, v) != ("source_aug", "none")}  # older keys
+    return [TRAINING_VERSION, architecture, config, protocol.labels, asdict(protocol.preprocessing),
             asdict(protocol.training), files]
 
 
@@ -252,8 +267,9 @@ def source_model(
     statistics: dict[str, SourceStatistics] | None = None, precision: str = "fp32",
 ) -> tuple[Architecture, dict[str, Any]]:
     """The source model for (protocol, architecture, config, seed): every part loaded from the cache or trained
-    and cached, and the source `statistics` asked for (name -> how to compute them) loaded from the cache or
-    computed on the validation split and cached, each in a file beside the checkpoint.
+    and cached (or loaded or trained the architecture's own way, `Architecture.own_source`: an nnU-Net), and the
+    source `statistics` asked for (name -> how to compute them) loaded from the cache or computed on the validation
+    split and cached, each in a file beside the checkpoint.
 
     Returns the model on `device` and its training record: validation Dice, best epoch, seconds (network and all
     stages in `train_seconds`), one entry per stage, one entry per statistic (seconds and the `path` of its file,
@@ -261,6 +277,34 @@ def source_model(
     train in `precision` (part of the cache key unless fp32); the statistics are computed in fp32.
     """
     torch.manual_seed(seed)  # the same initial weights, whichever parts come from the cache
+    own = ARCHITECTURES.get(architecture).own_source(protocol, dataset, seed, results, device, config or {}, progress)
+    if own is not None:
+        model, record = own
+        base = results / "models" / protocol.name / f"{record['model_id']}.pt"  # the statistics' file names
+        key: list[Any] = [record["model_id"]]
+        record = {**record, "stages": {}, "statistics": {}}
+    else:
+        model, record, base, key = _medtta_source(protocol, dataset, architecture, seed, results, device, config,
+                                                  progress, precision)
+    cached = record.pop("cached")
+    data = SourceData(protocol, dataset, model.pipeline(protocol.preprocessing))
+    for name, compute in (statistics or {}).items():  # of the whole model: the network and its stages
+        stats_path = base.with_suffix(f".{name}-{digest([*key, name], 12)}.pt")
+        stats_record = _cached(stats_path)
+        if stats_record is None:
+            cached = False
+            stats, stats_record = compute_statistics(model, compute, data, device)
+            _save(stats_path, stats, stats_record)
+        record["statistics"][name] = {**stats_record, "path": str(stats_path)}
+    record["train_seconds"] = record["seconds"] + sum(s["seconds"] for s in record["stages"].values())
+    return model.eval(), {**record, "cached": cached}
+
+
+def _medtta_source(protocol: Protocol, dataset: Dataset, architecture: str, seed: int, results: Path,
+                   device: torch.device, config: dict[str, Any] | None, progress: bool, precision: str
+                   ) -> tuple[Architecture, dict[str, Any], Path, list[Any]]:
+    """The network and its post-training stages, trained by medtta's loop or loaded from the cache; with the record,
+    the checkpoint path and the key the statistics are cached under."""
     model = build_network(architecture, 1, len(protocol.labels), **(config or {})).to(device)
     if protocol.preprocessing.dims == 3:
         model.use_window(protocol.preprocessing.patch_shape)
@@ -289,13 +333,4 @@ def source_model(
         else:
             _load(module, stage_path)
         record["stages"][stage.module] = stage_record
-    for name, compute in (statistics or {}).items():  # of the whole model: the network and its stages
-        stats_path = path.with_suffix(f".{name}-{digest([key, stage_keys, name], 12)}.pt")
-        stats_record = _cached(stats_path)
-        if stats_record is None:
-            cached = False
-            stats, stats_record = compute_statistics(model, compute, data, device)
-            _save(stats_path, stats, stats_record)
-        record["statistics"][name] = {**stats_record, "path": str(stats_path)}
-    record["train_seconds"] = record["seconds"] + sum(s["seconds"] for s in record["stages"].values())
-    return model.eval(), {**record, "cached": cached}
+    return model, {**record, "cached": cached}, path, [key, stage_keys]

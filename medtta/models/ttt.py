@@ -83,7 +83,7 @@ class RotationUNet(AuxiliaryUNet):
 class MaskedUNet(AuxiliaryUNet):
     """`unet` + a light head reconstructing masked patches from the bottleneck (Gandelsman et al. 2022)."""
 
-    defaults: ClassVar[dict[str, Any]] = {"norm": "batch", "aux_weight": 1.0, "mask_ratio": 0.75}
+    defaults: ClassVar[dict[str, Any]] = {"norm": "batch", "source_aug": "none", "aux_weight": 1.0, "mask_ratio": 0.75}
 
     def __init__(self, in_channels: int, n_classes: int, **config: Any) -> None:
         super().__init__(in_channels, n_classes, **config)

@@ -15,6 +15,7 @@ from torch import nn
 
 from medtta.errors import RegistryError
 from medtta.models.base import Architecture, norm_params, params_of
+from medtta.models.dg_augment import source_augmentation
 from medtta.models.volumetric import Window, sliding_window_logits, window_statistics
 
 FeatureTransform = Callable[[int, torch.Tensor], torch.Tensor]
@@ -53,6 +54,7 @@ def _levels(unet: UNet) -> tuple[list[nn.Module], list[nn.Module]]:
 class UNetModel(Architecture):
     """MONAI UNet: 4 levels (16-128 channels), 2 residual units per level (the `unet` backbone); 2D on slices or 3D
     on volumes (`spatial_dims`); BatchNorm by default, InstanceNorm (affine) or GroupNorm (8 groups) with `norm`.
+    `source_aug=gin|gin-ipa` trains it with DG pre-training (`medtta.models.dg_augment`).
 
     `encode` returns the features of every encoder level (the last is the bottleneck, 1/8 of the input size)
     and `decode` maps them to logits, so auxiliary heads and adaptors can tap the levels; `logits` equals
@@ -60,7 +62,7 @@ class UNetModel(Architecture):
     another shape by sliding windows (`medtta.models.volumetric`).
     """
 
-    defaults: ClassVar[dict[str, Any]] = {"spatial_dims": 2, "norm": "batch"}
+    defaults: ClassVar[dict[str, Any]] = {"spatial_dims": 2, "norm": "batch", "source_aug": "none"}
     channels: ClassVar[tuple[int, ...]] = (16, 32, 64, 128)
 
     def __init__(self, in_channels: int, n_classes: int, **config: Any) -> None:
@@ -70,6 +72,7 @@ class UNetModel(Architecture):
             raise RegistryError(f"architecture config spatial_dims must be 2 or 3, got {dims!r}")
         if norm not in NORMS:
             raise RegistryError(f"architecture config norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        source_augmentation(self.config.get("source_aug", "none"))  # an unknown name fails here, naming the known
         self.spatial_dims = dims
         self.window: Window | None = None
         self.backbone = UNet(spatial_dims=dims, in_channels=in_channels, out_channels=n_classes, channels=self.channels,

@@ -27,7 +27,7 @@ SOURCE_ROLE = "source"  # `medtta.site_role` of the source-site check's child ru
 NOT_VARIANT = frozenset({"method", "setting", "seed", "device", "target_sites", "in_domain_cases",
                          "source_site_check"})
 #: params added after runs were logged without them, at the value those runs had
-ADDED_PARAMS = {"precision": "fp32"}
+ADDED_PARAMS = {"precision": "fp32", "arch.source_aug": "none"}
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_file, save_model
 
 import medtta
 from medtta.data.layout import read_json, sha256
@@ -62,8 +62,12 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _write(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+def _write(path: Path, tensors: dict[str, torch.Tensor] | torch.nn.Module) -> dict[str, str]:
+    """Tensors, or a module's whole state (a tensor it names twice, as nnU-Net does, stored once), as safetensors."""
+    if isinstance(tensors, torch.nn.Module):
+        save_model(tensors, str(path))
+    else:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
     path.chmod(0o644)  # safetensors writes 0600: a container's non-root user must read a mounted bundle
     return {"file": path.name, "sha256": sha256(path)}
 
@@ -73,7 +77,10 @@ def write_bundle(out: Path, model: Architecture, architecture: str, protocol: Pr
     """Write the bundle of a trained `model` into `out`; `source` holds what source training measured
     (`dice_in_domain`, `in_domain_cases`, `source_val_dice`). Returns the manifest written as bundle.json."""
     out.mkdir(parents=True, exist_ok=True)
-    files = {"weights": _write(out / WEIGHTS, model.state_dict())}
+    files = {"weights": _write(out / WEIGHTS, model)}
+    relative = model.export_files(out)  # e.g. an nnU-Net's plans, in a folder of the bundle
+    files["extra"] = [{"file": str(p.relative_to(out)), "sha256": sha256(p)} for name in relative.values()
+                      for p in sorted((out / name).rglob("*")) if p.is_file()]
     files["statistics"] = {name: _write(out / f"statistics-{name}.safetensors", tensors)
                            for name, tensors in statistics.items()}
     manifest = {
@@ -81,7 +88,8 @@ def write_bundle(out: Path, model: Architecture, architecture: str, protocol: Pr
         "medtta_version": medtta.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "architecture": architecture,
-        "config": {k: _jsonable(v) for k, v in model.config.items()},
+        "config": {k: _jsonable(v) for k, v in {**model.config, **relative}.items()},
+        "relative_config": sorted(relative),
         "in_channels": model.in_channels,
         "n_classes": model.n_classes,
         "labels": protocol.labels,
@@ -127,8 +135,9 @@ class Bundle:
     def model(self, device: torch.device) -> Architecture:
         """The exported model in eval mode on `device`, every weight from the bundle (strict)."""
         m = self.manifest
-        model = build_network(m["architecture"], m["in_channels"], m["n_classes"], **m["config"])
-        model.load_state_dict(load_file(str(self.root / m["files"]["weights"]["file"])), strict=True)
+        config = {k: str(self.root / v) if k in m.get("relative_config", []) else v for k, v in m["config"].items()}
+        model = build_network(m["architecture"], m["in_channels"], m["n_classes"], **config)
+        load_model(model, str(self.root / m["files"]["weights"]["file"]), strict=True)
         if self.preprocessing.dims == 3:
             model.use_window(self.preprocessing.patch_shape)
         return model.to(device).eval()
@@ -167,6 +176,8 @@ def load_bundle(root: str | Path) -> Bundle:
     files = manifest.get("files", {})
     for entry in [files.get("weights", {}), *files.get("statistics", {}).values()]:
         _check_file(root, path, entry)
+    for entry in files.get("extra", []):
+        _check_file(root, path, entry, nested=True)
     return Bundle(root, manifest)
 
 
@@ -178,9 +189,11 @@ def _check_version(path: Path, manifest: dict[str, Any]) -> None:
                           f"model again with medtta {medtta.__version__}, or install the medtta version that wrote it")
 
 
-def _check_file(root: Path, manifest: Path, entry: dict[str, str]) -> None:
+def _check_file(root: Path, manifest: Path, entry: dict[str, str], nested: bool = False) -> None:
     name = entry.get("file")
-    if not name or Path(name).name != name:  # a bare file name: nothing outside the bundle folder is read
+    inside = name and (Path(name).name == name or nested and ".." not in Path(name).parts
+                       and not Path(name).is_absolute())
+    if not inside:  # a file of the bundle folder: nothing outside it is read
         raise BundleError(f"{manifest}: malformed file entry {entry}")
     path = root / name
     if not path.is_file():

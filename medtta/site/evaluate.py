@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from medtta.data.layout import Volume, read_dataset_json
-from medtta.data.preprocess import image_input, to_native
+from medtta.data.pipeline import Pipeline
 from medtta.engine import (
     CaseLog,
     adapt_and_predict,
@@ -127,6 +127,7 @@ class SiteEvaluation:
         c.output.mkdir(parents=True, exist_ok=True)
         seed_everything(c.seed)
         model = self.bundle.model(self.device)
+        pipeline = model.pipeline(self.prep)
         adapters = {m: create_adapter(m, copy.deepcopy(model), self.bundle.record(), **c.hparams.get(m, {}))
                     .to(self.device) for m in self.methods if m != SOURCE}
         (c.output / "cases.csv").unlink(missing_ok=True)
@@ -142,7 +143,7 @@ class SiteEvaluation:
                 skipped.append((case.image, str(err).removeprefix(f"{case.image}: ")))
                 warnings.warn(f"skipped {err}", MedttaWarning, stacklevel=2)
                 continue
-            for row in self._evaluate_case(case, volume, model, adapters):
+            for row in self._evaluate_case(case, volume, model, adapters, pipeline):
                 log.add(row)
         if not log.rows:
             raise DataError(f"--data {self.data}: no volume could be read ({len(skipped)} skipped, see above)")
@@ -152,22 +153,23 @@ class SiteEvaluation:
                               self.bundle.dice_in_domain)
 
     def _evaluate_case(self, case: SiteCase, volume: SiteVolume, model: torch.nn.Module,
-                       adapters: dict[str, torch.nn.Module]) -> list[dict[str, Any]]:
+                       adapters: dict[str, torch.nn.Module], pipeline: Pipeline) -> list[dict[str, Any]]:
         c, labels = self.config, self.bundle.scored_labels
         placeholder = volume.label if volume.label is not None else np.zeros(volume.image.shape, np.uint8)
         as_volume = Volume(volume.case_id, volume.image, placeholder, volume.spacing)  # to_native reads its shape
-        x = image_input(as_volume, self.prep).to(self.device)
+        x, meta = pipeline.prepare(as_volume)
+        x = x.to(self.device)
         predictions = {SOURCE: timed(lambda: predict_unadapted(model, x, c.batch_size), self.device)}
         for method, adapter in adapters.items():
             steps = ADAPTERS.get(method).default_steps if c.steps is None else c.steps
             predictions[method] = timed(lambda a=adapter, s=steps: adapt_and_predict(a, x, c.setting, s, c.batch_size),
                                         self.device)
-        source_pred = to_native(predictions[SOURCE][0], as_volume, self.prep)
+        source_pred = pipeline.to_native(predictions[SOURCE][0], as_volume, meta)
         reference = None if volume.label is None else torch.as_tensor(volume.label)
         source_dice = math.nan if reference is None else volume_dice(source_pred, reference, labels)["dice"]
         rows = []
         for method, (logits, seconds) in predictions.items():
-            pred = source_pred if method == SOURCE else to_native(logits, as_volume, self.prep)
+            pred = source_pred if method == SOURCE else pipeline.to_native(logits, as_volume, meta)
             write_mask(pred.numpy(), volume.reference, c.output / "masks" / method / f"{case.case_id}.nii.gz")
             row = {"method": method, "case_id": case.case_id, "image": str(case.image),
                    "labeled": reference is not None}

@@ -32,6 +32,7 @@ def export_bundle(protocol: Protocol, out: Path, architecture: str = "unet", see
     model, record = source_model(protocol, dataset, architecture, seed, results, torch_device, arch_config, progress,
                                  statistics)
     tests = dataset.cases_of(protocol.source_site, "test")
+    volumes = volumes.with_pipeline(model.pipeline(protocol.preprocessing))
     unadapted = SourcePredictions(model, record, protocol, volumes, torch_device, cache=results / "cache")
     source = {"dice_in_domain": unadapted.in_domain_dice(tests, progress),
               "in_domain_cases": len(tests), "source_val_dice": record["val_dice"]}
