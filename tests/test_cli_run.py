@@ -132,10 +132,10 @@ def test_list_commands() -> None:
     assert code == 0 and lines[0].split() == ["METHOD", "PARADIGM", "ARCHITECTURE", "DIMS", "NORMS", "SWEEP",
                                                "DESCRIPTION"]
     rows = {line.split()[0]: line.split()[1:6] for line in lines[1:]}
-    assert rows["tent"] == ["output", "unet", "2,3", "batch,instance,group", "lr=0.0001,0.001,0.01"]
+    assert rows["tent"] == ["output", "unet,nnunet", "2,3", "batch,instance,group", "lr=0.0001,0.001,0.01"]
     assert rows["source"][4] == "-"
     assert rows["norm-net"][:2] == ["input", "unet-normalizer"]
-    assert rows["ttt-rot"][:2] == ["feature", "unet-rotation"] and rows["source"][:2] == ["none", "unet"]
+    assert rows["ttt-rot"][:2] == ["feature", "unet-rotation"] and rows["source"][:2] == ["none", "unet,nnunet"]
     assert "Karani et al. 2021: adapt the normalization sub-network" in out
     code, out, _ = invoke("list", "adapters", "*bn*")
     assert out.splitlines()[1].startswith("bn-stats") and len(out.splitlines()) == 2
@@ -152,7 +152,7 @@ def test_list_commands() -> None:
     [
         (["run", "-m", "nope", "-d", "synth-mri"], "Error: unknown adapter 'nope' (available: ae-tta, bn-stats, "),
         (["run", "-m", "tent", "-d", "synth-mri", "-a", "depth=5"],
-         "Error: UNetModel has no config key depth (known: spatial_dims, norm)"),
+         "Error: UNetModel has no config key depth (known: spatial_dims, norm, source_aug)"),
         (["run", "-m", "tent", "-d", "synth-mri", "-a", "depth"], "'depth' is not KEY=VALUE"),
         (["run", "-m", "tent", "-d", "synth-mri", "-p", "lr=fast"],
          "Error: Tent hyper-parameter lr expects a number, got 'fast'"),

@@ -26,7 +26,7 @@ from medtta.registry import ADAPTERS
 # tiny stages: the DAE on a small grid, a few epochs
 TINY = {"unet-normalizer": {"dae_epochs": 2, "prior_size": [8, 32, 32]},
         "unet-autoencoders": {"ae_epochs": 2, "ae_output_epochs": 2}, "sam-tiny": {"image_size": 32}}
-UNET_FAMILY = [name for name in ARCHITECTURES.list() if not name.startswith("sam-")]  # SAM is the exception
+UNET_FAMILY = [name for name in ARCHITECTURES.list() if name.startswith("unet")]  # SAM and nnU-Net are their own
 TRAINABLE = [*UNET_FAMILY, "sam-tiny"]  # the sam-vit-* need a checkpoint (tests/models/test_sam_models.py)
 
 
