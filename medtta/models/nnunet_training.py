@@ -20,14 +20,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import time
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from medtta.data.cache import digest
@@ -39,7 +37,6 @@ from medtta.protocol import Protocol
 NNUNET_TRAINING_VERSION = 1
 FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 PLANS = "nnUNetPlans"
-TRAINER = "nnUNetTrainer"
 
 
 @contextlib.contextmanager
@@ -120,19 +117,15 @@ def plan_and_preprocess(number: int, configuration: str, features: int, split: d
     return plans
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def train(plans: dict, configuration: str, dataset_json: dict, config: dict[str, Any], seed: int,
           device: torch.device, bar: Any) -> Path:
     """`nnUNetTrainer` on fold 0 for the configured schedule, `bar` (a progress bar) moved at each epoch's end;
     returns the results folder of the configuration."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    seed_all(seed)
+    from medtta.engine import seed_everything  # here: the engine imports the models
+
+    seed_everything(seed)
     trainer = nnUNetTrainer({**plans, "continue_training": False}, configuration, 0, dataset_json, device)
     trainer.num_epochs = config["nnunet_epochs"]
     trainer.num_iterations_per_epoch = config["nnunet_iterations"]
