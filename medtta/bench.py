@@ -13,7 +13,7 @@ import statistics
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
@@ -35,7 +34,7 @@ from medtta.protocol import Protocol, list_protocols, resolve_protocol
 from medtta.registry import ADAPTERS
 from medtta.report import format_table
 from medtta.streams import SETTINGS
-from medtta.tracking import Tracker, experiment_name, stale_message, tracking_uri
+from medtta.tracking import Tracker, experiment_name, parent_runs, previous, stale_message, tracking_uri
 
 EXECUTORS = ("local", "ray")
 
@@ -49,6 +48,7 @@ class Cell:
     seed: int
     setting: str
     config: tuple[tuple[str, Any], ...] = ()  # the swept hyper-parameters (and `steps`) of this cell, sorted
+    data_changed: bool = field(default=False, compare=False)  # it finished before, on data since edited
 
     @property
     def name(self) -> str:
@@ -233,7 +233,7 @@ def warm_source(cell: Cell, config: BenchConfig, progress: bool = False) -> Outc
     start = time.perf_counter()
     engine = engine_of(cell, config, progress)
     with _our_warnings() as messages:
-        dataset, volumes = prepare_dataset(engine.protocol, engine.cache, progress=False)
+        dataset, volumes = engine.data()
         _, _, unadapted = engine.source(dataset, volumes)
         p = engine.protocol
         for site in (p.source_site, *p.target_sites):
@@ -310,35 +310,25 @@ def _with_threads(fn: Callable[..., Any], threads: int, *args: Any) -> Any:
 
 # --- resuming -----------------------------------------------------------------------------------------------------
 
-def _parent_runs(client: MlflowClient, protocols: Iterable[Protocol]) -> dict[str, list[Run]]:
-    """The parent runs of the protocols' experiments by their `medtta.cell` tag."""
-    ids = [e.experiment_id for p in protocols if (e := client.get_experiment_by_name(experiment_name(p.name)))]
-    by_cell: dict[str, list[Run]] = {}
-    if ids:
-        for run in client.search_runs(ids, "tags.`medtta.cell` LIKE '%'", max_results=50000):
-            if "mlflow.parentRunId" not in run.data.tags:
-                by_cell.setdefault(run.data.tags["medtta.cell"], []).append(run)
-    return by_cell
-
-
 def sort_out(cells: list[Cell], config: BenchConfig, client: MlflowClient) -> tuple[list[Cell], list[Outcome]]:
-    """The cells still to run, and the outcomes of the others: finished before (skipped) or running elsewhere
-    (stale runs of dead processes were marked KILLED before: their cells run again)."""
-    runs = _parent_runs(client, config.protocols)
+    """The cells still to run, and the outcomes of the others: finished before on the same data (skipped) or running
+    elsewhere (stale runs of dead processes were marked KILLED before: their cells run again). A cell that finished
+    only on other data (edited files, another split) runs again, as `data_changed`."""
+    ids = [e.experiment_id for p in config.protocols if (e := client.get_experiment_by_name(experiment_name(p.name)))]
+    runs = parent_runs(client, ids)
     todo, done = [], []
     for cell in cells:
-        found = runs.get(engine_of(cell, config).cell(), [])
-        finished = [r for r in found if r.info.status == "FINISHED"]
-        running = [r for r in found if r.info.status == "RUNNING"]
-        if finished:
-            run = max(finished, key=lambda r: r.info.end_time or 0)
-            done.append(Outcome(cell, "skipped", run.info.run_id, metrics=dict(run.data.metrics)))
-        elif running:
-            r = running[0]
-            done.append(Outcome(cell, "running", r.info.run_id, error=f"running in pid {r.data.tags.get('medtta.pid')}"
-                                f" on {r.data.tags.get('medtta.host')}"))
+        engine = engine_of(cell, config)
+        found = previous(runs.get(engine.cell(), []), engine.data_fingerprint())
+        if found.finished:
+            done.append(Outcome(cell, "skipped", found.finished.info.run_id,
+                                metrics=dict(found.finished.data.metrics)))
+        elif found.running:
+            tags = found.running.data.tags
+            done.append(Outcome(cell, "running", found.running.info.run_id,
+                                error=f"running in pid {tags.get('medtta.pid')} on {tags.get('medtta.host')}"))
         else:
-            todo.append(cell)
+            todo.append(replace(cell, data_changed=found.other_data))
     return todo, done
 
 
@@ -374,6 +364,10 @@ def bench(config: BenchConfig, progress: bool = True, echo: Callable[[str], None
     skipped = sum(o.status == "skipped" for o in outcomes)
     if skipped:
         echo(f"{skipped} of {len(cells)} cell(s) already finished in {uri}: skipped")
+    changed = [c for c in todo if c.data_changed]
+    if changed:
+        echo(f"{len(changed)} cell(s) finished before on other data (a file's contents or the split changed since): "
+             f"running again: {', '.join(c.name for c in changed)}")
     for o in outcomes:
         if o.status == "running":
             echo(f"{o.cell.name}: {o.error}; left alone")

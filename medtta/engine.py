@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,7 +30,15 @@ from medtta.data.layout import Case, load_volume
 from medtta.data.pipeline import Pipeline
 from medtta.data.plans import plan_3d
 from medtta.errors import MedttaError, MedttaWarning
-from medtta.metrics import collapse_reason, foreground_voxels, mean, volume_dice, volume_metrics
+from medtta.metrics import (
+    collapse_reason,
+    foreground_voxels,
+    label_free_indicators,
+    mean,
+    recovery_flag,
+    volume_dice,
+    volume_metrics,
+)
 from medtta.models.training import load_statistics, source_model
 from medtta.paths import results_root
 from medtta.precision import autocast, check_precision, use_tf32
@@ -47,7 +55,10 @@ from medtta.streams import (
     pass_labels,
     target_stream,
 )
-from medtta.tracking import Tracker, stale_message, tracking_uri
+from medtta.tracking import Tracker, parent_runs, previous, stale_message, tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 
 @dataclass(frozen=True)
@@ -72,10 +83,15 @@ class RunConfig:
     precision: str = "fp32"  # of source training, adaptation and inference: fp32, bf16 or fp16 (see medtta.precision)
     rounds: int = DEFAULT_ROUNDS  # passes over the target sites in the recurring setting
     site_order: str = "fixed"  # or `shuffled:N`: the continual and recurring figures averaged over N site orders
+    rerun: bool = False  # run again though an identical run (same cell, same data) finished in the store
 
 
 #: `medtta.site_role` of a child run: a target site, or the source site of the "do no harm" check
 TARGET, SOURCE = "target", "source"
+#: what a site's and a parent run's summary hold (MLflow keeps no NaN: a run read back lacks the undefined ones)
+SUMMARY_KEYS = ("cases", "dice", "dice_source", "dice_recovery", "seconds_per_volume", "collapsed_cases",
+                "source_site_harm")
+PARENT_KEYS = ("seconds_per_volume", "seconds_per_volume_source", "cost_ratio", "peak_memory_mb")
 
 
 @dataclass
@@ -100,6 +116,8 @@ class RunResult:
     source_site: SiteResult | None = None  # the source-site check, when `config.source_site_check`
     metrics: dict[str, float] = field(default_factory=dict)  # the parent run's: cost ratio, peak memory, ...
     device: str = "cpu"  # where it ran (what peak memory measures)
+    reused: bool = False  # an identical run finished before: this is its record, read back from the store
+    data_changed: bool = False  # it finished before only on other data, so it ran again
 
 
 def resolve_device(name: str) -> torch.device:
@@ -227,6 +245,27 @@ class Unadapted:
     seconds: float
 
 
+def unadapted_result(pred: torch.Tensor, reference: torch.Tensor, labels: dict[str, int], seconds: float
+                     ) -> Unadapted:
+    """The unadapted model's result on a case from its native prediction and the reference."""
+    return Unadapted(pred, volume_dice(pred, reference, labels)["dice"], seconds)
+
+
+def case_row(case_id: str, site: str, logits: torch.Tensor, pred: torch.Tensor, reference: torch.Tensor,
+             source: Unadapted, labels: dict[str, int], spacing: tuple[float, ...], seconds: float) -> dict[str, Any]:
+    """A case's row from the adapted logits and native prediction, the reference and the unadapted result: metrics
+    against the reference, the label-free indicators (`entropy`, `agreement`, and `collapsed_label_free` with its
+    reason, which configuration selection may read) and the label-based collapse flag (`collapsed`, reported)."""
+    unsupervised = label_free_indicators(pred, source.pred, labels, spacing)
+    reason = collapse_reason(pred, reference, labels, source.pred)
+    return {"case_id": case_id, "site": site, "dice_source": source.dice,
+            **volume_metrics(pred, reference, labels, spacing),
+            "foreground_source": foreground_voxels(source.pred, labels), "foreground": foreground_voxels(pred, labels),
+            "seconds": seconds, "seconds_source": source.seconds, **label_free(logits, pred, source.pred),
+            "collapsed_label_free": unsupervised["collapsed"], "collapse_label_free": unsupervised["collapse"],
+            "collapsed": bool(reason), "collapse": reason}
+
+
 def prepare_dataset(protocol: Protocol, cache: Path, progress: bool = True) -> tuple[Dataset, VolumeCache]:
     """The protocol's dataset, checked (once per fingerprint of its files, cached in `cache`) before anything is
     trained or logged, and its cases preprocessed on demand (cached too)."""
@@ -262,8 +301,7 @@ class SourcePredictions:
         with autocast(self.precision, self.device):
             logits, seconds = timed(lambda: predict_unadapted(self.model, x, self.batch_size), self.device)
         pred = self.volumes.pipeline.to_native(logits, prepared.volume, prepared.meta)
-        result = Unadapted(pred, volume_dice(pred, torch.as_tensor(prepared.volume.label), p.scored_labels)["dice"],
-                           seconds)
+        result = unadapted_result(pred, torch.as_tensor(prepared.volume.label), p.scored_labels, seconds)
         if path is not None:
             save_atomic({"pred": pred.to(torch.int16), "dice": result.dice, "seconds": seconds}, path)
         return prepared, result
@@ -356,6 +394,21 @@ class Engine:
             training = dataclasses.replace(protocol.training, epochs=config.epochs)
             self.protocol = dataclasses.replace(protocol, training=training)
         self.protocol = plan_3d(self.protocol)  # before `params()` and `cell()`, which hold the planned values
+        self._data: tuple[Dataset, VolumeCache] | None = None
+
+    def data(self) -> tuple[Dataset, VolumeCache]:
+        """The protocol's dataset, checked, and its volume cache (prepared once per engine)."""
+        if self._data is None:
+            self._data = prepare_dataset(self.protocol, self.cache, self.config.progress)
+        return self._data
+
+    def data_fingerprint(self) -> str:
+        """The contents and splits of every case this run reads: the source site's (training, in-domain Dice and
+        the source-site check) and the target sites' test cases. A run on other data is another result."""
+        dataset, volumes = self.data()
+        p = self.protocol
+        return volumes.fingerprint([*dataset.cases_of(p.source_site),
+                                    *(c for site in p.target_sites for c in dataset.cases_of(site, "test"))])
 
     def params(self) -> dict[str, Any]:
         p, c = self.protocol, self.config
@@ -398,7 +451,8 @@ class Engine:
                 "medtta.setting": self.setting, "medtta.seed": self.config.seed,
                 "medtta.dims": p.preprocessing.dims, "medtta.site": p.source_site,
                 "medtta.source_aug": source_aug,
-                "medtta.cell": self.cell(), "medtta.config": self.config_tag(), "medtta.host": socket.gethostname(),
+                "medtta.cell": self.cell(), "medtta.data": self.data_fingerprint(), "medtta.config": self.config_tag(),
+                "medtta.host": socket.gethostname(),
                 "medtta.pid": os.getpid()}
 
     def source(self, dataset: Dataset, volumes: VolumeCache) -> tuple[torch.nn.Module, dict[str, Any],
@@ -414,12 +468,16 @@ class Engine:
     def run(self) -> RunResult:
         p, c = self.protocol, self.config
         self.results.mkdir(parents=True, exist_ok=True)
-        dataset, volumes = prepare_dataset(p, self.cache, c.progress)  # fails before any run is opened
+        dataset, volumes = self.data()  # fails before any run is opened
         uri = tracking_uri(c.tracking_uri, self.results)
         tracker = Tracker(uri, p.name, self.results / "mlartifacts" if uri.startswith("sqlite:") else None)
         for stale in tracker.close_stale_runs():  # a run killed with kill -9 would stay RUNNING for ever
             warnings.warn(stale_message(stale), MedttaWarning, stacklevel=2)
         tags = self.tags()
+        found = previous(parent_runs(tracker.client, [tracker.experiment_id], tags["medtta.cell"]).get(
+            tags["medtta.cell"], []), tags["medtta.data"])
+        if found.finished and not c.rerun:
+            return self.stored_result(found.finished, tracker)
         source_tests = dataset.cases_of(p.source_site, "test")
         params = {**self.params(), "in_domain_cases": len(source_tests)}
         reset_peak_memory(self.device)
@@ -447,7 +505,20 @@ class Engine:
                 metrics["source_site_harm"] = check.summary["source_site_harm"]
             tracker.log_metrics(metrics)
         return RunResult(p, c, self.setting, in_domain, len(source_tests), sites, run_id, uri, out_dir, check, metrics,
-                         self.device.type)
+                         self.device.type, data_changed=found.other_data)
+
+    def stored_result(self, run: Run, tracker: Tracker) -> RunResult:
+        """The result of a finished identical run, read back from the store: its sites' summaries and case rows."""
+        from medtta.report.store import SOURCE_ROLE, site_runs
+
+        sites = [SiteResult(s.site, s.rows, {**dict.fromkeys(SUMMARY_KEYS, math.nan), **s.metrics}, s.role)
+                 for s in site_runs(tracker.client, run)]
+        params, metrics = run.data.params, run.data.metrics
+        return RunResult(self.protocol, self.config, self.setting, metrics.get("dice_in_domain", math.nan),
+                         int(params.get("in_domain_cases", 0)), [s for s in sites if s.role != SOURCE_ROLE],
+                         run.info.run_id, tracker.uri, self.results / "runs" / self.protocol.name / run.info.run_id,
+                         next((s for s in sites if s.role == SOURCE_ROLE), None),
+                         {**dict.fromkeys(PARENT_KEYS, math.nan), **metrics}, params.get("device", "cpu"), reused=True)
 
     def _source_site_check(self, dataset: Dataset, unadapted: SourcePredictions, adapter: Adapter, tracker: Tracker,
                            tags: dict[str, Any], out_dir: Path) -> SiteResult | None:
@@ -495,6 +566,9 @@ class Engine:
             self._log_qualitative(dataset, rows, shown, out_dir / "slices" / site, tracker)
             summary = site_summary(rows, role, in_domain)
             tracker.log_metrics(summary)
+            flag = recovery_flag(summary.get("dice", math.nan), summary.get("dice_source", math.nan), in_domain)
+            if role == TARGET and flag:
+                tracker.set_tags({"medtta.recovery_flag": flag})
         return SiteResult(site, rows, summary, role)
 
     def _round_metrics(self, sites: list[SiteResult], in_domain: float, tracker: Tracker) -> dict[str, float]:
@@ -530,13 +604,8 @@ class Engine:
                                     self.device)
         reference = torch.as_tensor(prepared.volume.label)
         pred = unadapted.volumes.pipeline.to_native(logits, prepared.volume, prepared.meta)
-        row = {"case_id": case.case_id, "site": site, "dice_source": source.dice,
-               **volume_metrics(pred, reference, p.scored_labels, prepared.volume.spacing),
-               "foreground_source": foreground_voxels(source.pred, p.scored_labels),
-               "foreground": foreground_voxels(pred, p.scored_labels), "seconds": seconds,
-               "seconds_source": source.seconds, **label_free(logits, pred, source.pred)}
-        reason = collapse_reason(pred, reference, p.scored_labels, source.pred)
-        row.update(collapsed=bool(reason), collapse=reason)
+        row = case_row(case.case_id, site, logits, pred, reference, source, p.scored_labels, prepared.volume.spacing,
+                       seconds)
         index = most_foreground_slice(reference, p.preprocessing.slice_axis)
         shown = {name: take_slice(a.numpy(), index, p.preprocessing.slice_axis)
                  for name, a in (("reference", reference), ("source", source.pred), ("adapted", pred))}

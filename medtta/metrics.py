@@ -98,6 +98,23 @@ def dice_recovery(adapted: float, source: float, in_domain: float) -> float:
     return (adapted - source) / gap if gap > 1e-6 else math.nan
 
 
+RECOVERY_RANGE = (-1.0, 1.5)
+"""Recoveries outside this range rest on a gap too small for the change measured: they are flagged, with why."""
+
+
+def recovery_flag(adapted: float, source: float, in_domain: float) -> str:
+    """Why a site's recovery is outside `RECOVERY_RANGE`, '' when it is inside (or undefined)."""
+    recovery, gap = dice_recovery(adapted, source, in_domain), in_domain - source
+    low, high = RECOVERY_RANGE
+    if math.isnan(recovery) or low <= recovery <= high:
+        return ""
+    if recovery > high:
+        return (f"adapted Dice {adapted:.3f} is above the in-domain Dice {in_domain:.3f} (the source model's on its "
+                f"own site), so the gap of {gap:.3f} it is measured against understates what adaptation can reach")
+    return (f"adapted Dice {adapted:.3f} fell {source - adapted:.3f} below unadapted, more than the gap of {gap:.3f} "
+            "to the in-domain Dice: a small gap magnifies the harm")
+
+
 def mean(values: list[float]) -> float:
     """Mean ignoring NaN; NaN when nothing is left."""
     finite = [v for v in values if not math.isnan(v)]

@@ -289,12 +289,14 @@ def summarize_cases(rows: Sequence[Mapping[str, Any]], dice_in_domain: float,
                     prefixes: tuple[str, ...] = ("dice", "hd95")) -> dict[str, float]:
     """What a site's run logs: the mean over cases (NaN-aware, a column missing from a row counting as NaN) of every
     column starting with one of `prefixes`, the Dice recovery of the mean Dice (NaN without Dice), the number of
-    collapsed cases and of cases, seconds per volume adapted and, where the rows time it, unadapted."""
+    collapsed cases, of cases (volumes) and of passes over them (rows, more in recurring streams), seconds per
+    volume adapted and, where the rows time it, unadapted."""
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith(prefixes)]
     summary = {k: mean([as_float(r.get(k)) for r in rows]) for k in keys}
     summary["dice_recovery"] = dice_recovery(summary.get("dice", math.nan), summary.get("dice_source", math.nan),
                                              dice_in_domain)
-    summary.update(collapsed_cases=float(sum(is_true(r.get("collapsed")) for r in rows)), cases=float(len(rows)),
+    summary.update(collapsed_cases=float(sum(is_true(r.get("collapsed")) for r in rows)),
+                   cases=float(len({r.get("case_id") for r in rows})), passes=float(len(rows)),
                    seconds_per_volume=mean([as_float(r.get("seconds")) for r in rows]))
     if any("seconds_source" in r for r in rows):
         summary["seconds_per_volume_source"] = mean([as_float(r.get("seconds_source")) for r in rows])

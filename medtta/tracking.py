@@ -8,6 +8,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ def experiment_name(protocol: str) -> str:
 
 
 class Tracker:
-    """Thin wrapper over MLflow's fluent API; runs end FAILED when their block raises."""
+    """Thin wrapper over MLflow's fluent API; runs end FAILED when their block raises, KILLED when it is interrupted
+    (Ctrl-C), as a run killed with kill -9 is marked later (`close_stale_runs`)."""
 
     def __init__(self, uri: str, protocol: str, artifacts: Path | None = None) -> None:
         """`artifacts`: where a new experiment keeps its artifacts; for a database store MLflow would
@@ -44,7 +46,8 @@ class Tracker:
         client = mlflow.MlflowClient()
         if artifacts is not None and client.get_experiment_by_name(name) is None:
             client.create_experiment(name, artifact_location=(artifacts / name).as_uri())
-        mlflow.set_experiment(name)
+        self.client = client
+        self.experiment_id = mlflow.set_experiment(name).experiment_id
         # MLflow 3's UI opens an untagged experiment on its GenAI overview; this shows the runs table
         mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")
 
@@ -57,16 +60,25 @@ class Tracker:
             nested: bool = False) -> Iterator[str]:
         """A run (nested under the active one when `nested`); yields its id."""
         all_tags = {"medtta.version": medtta.__version__, **{k: str(v) for k, v in tags.items()}}
-        with mlflow.start_run(run_name=name, nested=nested, tags=all_tags) as active:
+        active = mlflow.start_run(run_name=name, nested=nested, tags=all_tags)
+        try:
             if params:
                 mlflow.log_params(params)
             yield active.info.run_id
+        except BaseException as err:
+            mlflow.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
+        mlflow.end_run("FINISHED")
 
     @staticmethod
     def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         """Log the finite metrics (MLflow cannot plot NaN; a missing key says 'undefined'), at `step` of their
         history when given."""
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}, step=step)
+
+    @staticmethod
+    def set_tags(tags: dict[str, Any]) -> None:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     @staticmethod
     def log_table(rows: list[dict[str, Any]], name: str) -> None:
@@ -121,3 +133,33 @@ def close_stale_runs(client: MlflowClient, experiment: Any) -> list[Run]:
 def stale_message(run: Run) -> str:
     return (f"run '{run.info.run_name}' ({run.info.run_id}) was left RUNNING by process {run.data.tags['medtta.pid']}, "
             "which is gone: marked KILLED")
+
+
+def parent_runs(client: MlflowClient, experiment_ids: list[str], cell: str | None = None) -> dict[str, list[Run]]:
+    """The parent runs of the experiments (of one `cell` when given) by their `medtta.cell` tag."""
+    by_cell: dict[str, list[Run]] = {}
+    if experiment_ids:
+        where = f"tags.`medtta.cell` = '{cell}'" if cell else "tags.`medtta.cell` LIKE '%'"
+        for run in client.search_runs(experiment_ids, where, max_results=50000):
+            if "mlflow.parentRunId" not in run.data.tags:
+                by_cell.setdefault(run.data.tags["medtta.cell"], []).append(run)
+    return by_cell
+
+
+@dataclass(frozen=True)
+class Previous:
+    """What a store holds of one cell: its latest run finished on the same data (`medtta.data`), a run of it still
+    running, and whether it finished before only on other data (edited files or split)."""
+
+    finished: Run | None = None
+    running: Run | None = None
+    other_data: bool = False
+
+
+def previous(runs: list[Run], data: str) -> Previous:
+    """`runs` of one cell, sorted out for a run on `data` (its fingerprint)."""
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    same = [r for r in finished if r.data.tags.get("medtta.data") == data]
+    running = [r for r in runs if r.info.status == "RUNNING"]
+    return Previous(max(same, key=lambda r: r.info.end_time or 0) if same else None,
+                    running[0] if running else None, bool(finished) and not same)

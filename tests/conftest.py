@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from medtta.data.cache import PreparedVolume, VolumeCache
-from medtta.data.layout import Dataset
+from medtta.data.layout import Dataset, read_dataset
 from medtta.data.synthetic.abdomen3d import generate as generate_ct3d
 from medtta.data.synthetic.cardiac import generate
 from medtta.engine import prepare_dataset
@@ -54,6 +54,18 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ds") / "tiny-cardiac"
     generate(root, seed=1, cases={"A": 6, "B": 2, "C": 2}, splits={"A": [4, 1]})
     return root
+
+
+@pytest.fixture
+def edit_label() -> Callable[[Path, str], None]:
+    """Relabels a few foreground voxels of the first case of a site of a dataset folder as background."""
+    def edit(root: Path, site: str) -> None:
+        case = read_dataset(root).cases_of(site)[0]
+        image = nib.load(str(case.label))
+        label = np.asarray(image.dataobj).copy()
+        label[tuple(np.argwhere(label > 0)[:20].T)] = 0
+        nib.save(nib.Nifti1Image(label, image.affine, image.header), str(case.label))
+    return edit
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shutil
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -316,3 +318,22 @@ def _case_rows(results: Path, parent) -> list[str]:
     """The columns of a parent run's first target site's case table."""
     with next((results / "runs" / "synth-mri" / parent.info.run_id).glob("cases-*.csv")).open(encoding="utf-8") as fh:
         return next(csv.reader(fh))
+
+
+def test_edited_data_reruns_the_cells_that_read_it(dataset: Path, results: Path, tmp_path: Path,
+                                                    edit_label: Callable) -> None:
+    """Two copies of the dataset in one grid; one label file of one copy edited: that copy's cells run again (said
+    so), the other's are reused."""
+    first, second = tmp_path / "one" / "tiny-cardiac", tmp_path / "two" / "tiny-cardiac"
+    shutil.copytree(dataset, first)
+    shutil.copytree(dataset, second)
+    store, both = tmp_path / "store", f"{first},{second}"
+    code, out = bench(both, results, "--methods", "source,bn-stats", store=store)
+    assert code == 0 and "4 cell(s): 4 run, 0 already finished" in out, out
+    edit_label(second, "B")
+    code, out = bench(both, results, "--methods", "source,bn-stats", store=store)
+    assert code == 0, out
+    assert ("2 cell(s) finished before on other data (a file's contents or the split changed since): running again"
+            in out) and "4 cell(s): 2 run, 2 already finished" in out
+    runs = parents(store)
+    assert len(runs) == 6 and len({r.data.tags["medtta.data"] for r in runs}) == 2

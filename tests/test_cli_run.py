@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -57,7 +60,7 @@ def test_run_logs_parent_and_child_runs(dataset: Path, results: Path) -> None:
     assert code == 0, err
     assert "site  cases  dice_source  dice_adapted  dice_in_domain (cases)  recovery" in out
     assert "Warning: source site 'A' has only 1 test case(s)" in err  # 6 cases, 4 train and 1 val
-    assert f"mlflow ui --backend-store-uri {uri(results)}" in out
+    assert out.rstrip().endswith(f"view it:  medtta ui --results {results}")
     runs = runs_of(results)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
@@ -85,23 +88,60 @@ def test_run_logs_parent_and_child_runs(dataset: Path, results: Path) -> None:
         assert np.mean([r["dice"] for r in rows]) == pytest.approx(m["dice"])
 
 
-def test_second_run_reuses_the_model_and_gives_the_same_numbers(dataset: Path, results: Path) -> None:
+def test_an_identical_run_is_reused_and_rerun_only_on_request(dataset: Path, results: Path) -> None:
     checkpoints = list((results / "models" / "synth-mri").glob("*.pt"))
     assert len(checkpoints) == 1
     mtime = checkpoints[0].stat().st_mtime_ns
-    code, _, err = invoke(*run_args(dataset, results, "--method", "tent"))
+    [first] = [r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags]
+    code, out, err = invoke(*run_args(dataset, results, "--method", "tent"))
     assert code == 0, err
-    assert checkpoints[0].stat().st_mtime_ns == mtime
+    assert f"Already finished: MLflow run {first.info.run_id}" in out and "(--rerun runs it again)" in out
+    for child in runs_of(results):
+        if child.data.tags.get("mlflow.parentRunId") == first.info.run_id:
+            site, m = child.data.tags["medtta.site"], child.data.metrics
+            assert re.search(rf"^{site} +2 +{m['dice_source']:.3f} +{m['dice']:.3f} ", out, re.M)
+    assert out.rstrip().endswith(f"view it:  medtta ui --results {results}")
+    assert len([r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags]) == 1  # no duplicate
+    code, out, err = invoke(*run_args(dataset, results, "--method", "tent", "--rerun"))
+    assert code == 0, err
+    assert "Already finished" not in out
+    assert checkpoints[0].stat().st_mtime_ns == mtime  # the source model is reused either way
     first, second = [r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags][-2:]
     for key in ("dice", "dice_source", "dice_recovery", "dice_in_domain"):
         assert first.data.metrics[key] == second.data.metrics[key]
+
+
+def test_ctrl_c_marks_the_run_killed(dataset: Path, results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medtta.adapters.tent import Tent
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tent, "adapt", interrupted)
+    code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--rerun"))
+    assert code == 130 and "Interrupted" in err and "Traceback" not in err
+    parent = _last_parent(results)
+    children = [r for r in runs_of(results) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "KILLED" and children == []  # interrupted in its first site
+
+
+def test_edited_data_runs_again(dataset: Path, results: Path, tmp_path: Path, edit_label: Callable) -> None:
+    copy = tmp_path / "tiny-cardiac"
+    shutil.copytree(dataset, copy)
+    args = run_args(copy, results, "--method", "bn-stats", "--target-site", "C")
+    assert invoke(*args)[0] == 0
+    code, out, _ = invoke(*args)
+    assert code == 0 and "Already finished" in out
+    edit_label(copy, "C")
+    code, out, _ = invoke(*args)
+    assert code == 0 and "The data changed since this run last finished" in out and "Already finished" not in out
 
 
 def test_target_site_and_continual_setting(dataset: Path, results: Path) -> None:
     code, out, err = invoke(*run_args(dataset, results, "--method", "bn-stats", "--target-site", "C",
                                       "--setting", "continual"))
     assert code == 0, err
-    parent = [r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags][-1]
+    parent = _parent_of(results, out)
     assert parent.data.tags["medtta.setting"] == "continual" and parent.data.params["target_sites"] == "C"
     assert "\nC " in out and "\nB " not in out
 
@@ -295,7 +335,7 @@ def test_source_site_check_is_a_stream_of_its_own_that_leaves_the_target_sites_a
     for extra in ((), ("--include-source-site",)):
         code, out, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", setting, *extra))
         assert code == 0, err
-        parents.append([r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags][-1])
+        parents.append(_parent_of(results, out))
     assert "Source site A (its own stream, 1 case(s)): Dice" in out and "source-site harm" in out
     plain, checked = parents
     assert (plain.data.params["source_site_check"], checked.data.params["source_site_check"]) == ("False", "True")
@@ -324,10 +364,10 @@ def test_source_site_check_is_a_stream_of_its_own_that_leaves_the_target_sites_a
         np.mean([children[s].data.metrics["dice_recovery"] for s in ("B", "C")]))  # over the target sites only
 
     # from a reset adapter: the source site's numbers do not depend on the target stream before it
-    code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", setting, "--target-site", "C",
-                                    "--include-source-site"))
+    code, out, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", setting, "--target-site", "C",
+                                      "--include-source-site"))
     assert code == 0, err
-    alone = _children_of(results, [r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags][-1])["A"]
+    alone = _children_of(results, _parent_of(results, out))["A"]
     for key in ("dice", "source_site_harm"):
         assert alone.data.metrics[key] == source[key], key
 
@@ -362,6 +402,11 @@ def _site_rows(results: Path, parent, site: str) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def _parent_of(results: Path, out: str):
+    """The parent run a `medtta run` printed (a new one, or the finished identical run it reused)."""
+    return client_for(results).get_run(re.search(r"MLflow run (\w+) in", out)[1])
+
+
 def _last_parent(results: Path):
     return [r for r in runs_of(results) if "mlflow.parentRunId" not in r.data.tags][-1]
 
@@ -370,17 +415,18 @@ def test_per_site_resets_when_the_site_changes(dataset: Path, results: Path) -> 
     dice = {}
     for setting, sites in (("per-site", ("B", "C")), ("continual", ("B", "C")), ("continual", ("C",))):
         targets = [a for s in sites for a in ("--target-site", s)]
-        code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", setting, *targets))
+        code, out, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", setting, *targets))
         assert code == 0, err
-        dice[setting, sites] = [row["dice"] for row in _site_rows(results, _last_parent(results), "C")]
+        dice[setting, sites] = [row["dice"] for row in _site_rows(results, _parent_of(results, out), "C")]
     assert dice["per-site", ("B", "C")] == dice["continual", ("C",)]  # reset before C: as if C came first
     assert dice["continual", ("B", "C")] != dice["continual", ("C",)]  # no reset: C sees the model B adapted
 
 
 def test_recurring_scores_every_round(dataset: Path, results: Path) -> None:
-    code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", "recurring", "--rounds", "3"))
+    code, out, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", "recurring", "--rounds", "3"))
     assert code == 0, err
-    parent = _last_parent(results)
+    assert re.search(r"^B +2 \(6 passes\) ", out, re.M)  # volumes, then visits
+    parent = _parent_of(results, out)
     assert parent.data.params["rounds"] == "3" and parent.info.run_name == "tent · synth-mri · seed 0 · recurring"
     rows = _site_rows(results, parent, "B")
     cases = len(rows) // 3
@@ -401,15 +447,15 @@ def test_recurring_scores_every_round(dataset: Path, results: Path) -> None:
 
 
 def test_mixed_and_shuffled_site_orders(dataset: Path, results: Path) -> None:
-    code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", "mixed"))
+    code, out, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", "mixed"))
     assert code == 0, err
-    mixed = _last_parent(results)
+    mixed = _parent_of(results, out)
     assert mixed.data.tags["medtta.setting"] == "mixed" and "site_order" not in mixed.data.params
     once = {site: len(_site_rows(results, mixed, site)) for site in ("B", "C")}
-    code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", "continual",
-                                    "--site-order", "shuffled:2"))
+    code, out, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", "continual",
+                                      "--site-order", "shuffled:2"))
     assert code == 0, err
-    shuffled = _last_parent(results)
+    shuffled = _parent_of(results, out)
     assert shuffled.data.params["site_order"] == "shuffled:2"
     for site in ("B", "C"):
         orders = sorted(row["order"] for row in _site_rows(results, shuffled, site))
@@ -433,7 +479,7 @@ def test_a_failing_run_keeps_the_cases_it_evaluated(dataset: Path, results: Path
         return adapt(self, *args, **kwargs)
 
     monkeypatch.setattr(Tent, "adapt", fails_on_the_second_volume)
-    config = RunConfig(method="tent", epochs=2, results=results, progress=False)
+    config = RunConfig(method="tent", epochs=2, results=results, progress=False, rerun=True)
     with pytest.raises(RuntimeError, match="boom"):
         run(resolve_protocol(str(dataset), "A"), config)
     parent = _last_parent(results)

@@ -117,7 +117,10 @@ def test_summarize_cases() -> None:
     summary = stats.summarize_cases(rows, 0.8)
     assert summary == pytest.approx({"dice_source": 0.5, "dice_LV": 0.5, "dice": 0.6, "hd95": 4.0,
                                      "dice_recovery": dice_recovery(0.6, 0.5, 0.8), "collapsed_cases": 1.0,
-                                     "cases": 2.0, "seconds_per_volume": 3.0, "seconds_per_volume_source": 1.0})
+                                     "cases": 2.0, "passes": 2.0, "seconds_per_volume": 3.0,
+                                     "seconds_per_volume_source": 1.0})
+    recurring = stats.summarize_cases([{**r, "round": k} for k in (1, 2, 3) for r in rows], 0.8)
+    assert (recurring["cases"], recurring["passes"]) == (2.0, 6.0)  # volumes, and visits of them
     unlabeled = stats.summarize_cases([{"entropy": 0.2, "collapsed": False, "seconds": 1.0}], 0.8, ("entropy",))
     assert unlabeled["entropy"] == 0.2 and math.isnan(unlabeled["dice_recovery"])
     assert "seconds_per_volume_source" not in unlabeled

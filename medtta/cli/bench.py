@@ -70,7 +70,7 @@ def bench(methods, datasets, seeds, setting, source_site, params, sweeps, worker
     from medtta.bench import bench as run_bench
     from medtta.engine import RunConfig
     from medtta.errors import MedttaError
-    from medtta.tracking import tracking_uri as tracking_uri_of
+    from medtta.report import store_args
 
     quiet_mlflow()
     try:
@@ -95,8 +95,7 @@ def bench(methods, datasets, seeds, setting, source_site, params, sweeps, worker
     click.echo(f"\n{len(result.outcomes)} cell(s): {counts['finished']} run, {counts['skipped']} already finished, "
                f"{counts['failed']} failed, {counts['running']} running elsewhere; source models and unadapted "
                f"predictions {result.prepare_seconds:.0f} s, cells {result.cells_seconds:.0f} s")
-    store = (f"--results {result.results}" if result.tracking_uri == tracking_uri_of(None, result.results)
-             else f"--tracking-uri {result.tracking_uri}")
+    store = store_args(result.tracking_uri, result.results)
     click.echo(f"MLflow: {result.tracking_uri}\n  report:  medtta report {store}\n  browse:  medtta ui {store}")
     if counts["failed"]:
         sys.exit(1)

@@ -19,8 +19,8 @@ from medtta.errors import MedttaError, MedttaWarning
 
 
 class MedttaGroup(click.Group):
-    """Turns user errors into one line on stderr and exit code 2, without a traceback; prints our warnings as
-    one line too."""
+    """Turns user errors into one line on stderr and exit code 2, and Ctrl-C into exit code 130, without a traceback;
+    prints our warnings as one line too."""
 
     def invoke(self, ctx: click.Context):
         with warnings.catch_warnings():  # restores the filters and printer when the command ends
@@ -31,6 +31,10 @@ class MedttaGroup(click.Group):
             except MedttaError as err:
                 click.echo(f"Error: {err}", err=True)
                 sys.exit(2)
+            except KeyboardInterrupt:
+                click.echo("\nInterrupted: the run in progress is marked KILLED in MLflow; finished runs and cached "
+                           "models are kept.", err=True)
+                sys.exit(130)
 
 
 _python_showwarning = warnings.showwarning

@@ -30,9 +30,12 @@ from medtta.streams import SETTINGS
 @engine_options
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
               help="Method hyper-parameter, e.g. -p lr=1e-4; repeatable.")
+@click.option("--rerun", is_flag=True,
+              help="Run again though an identical run (same method, params, seed and data) finished in the store; "
+                   "without it, that run's results are printed.")
 def run(method, dataset, source_site, target_sites, setting, seed, architecture, checkpoint, steps, batch_size,
         patch_updates, params, arch_params, epochs, source_site_check, device, precision, rounds, site_order,
-        results, tracking_uri, quiet) -> None:
+        results, tracking_uri, quiet, rerun) -> None:
     """Adapt a source model to every target site of a protocol and report Dice recovery.
 
     Generates synthetic data and trains the source model on first use (both cached), adapts on each
@@ -46,7 +49,8 @@ def run(method, dataset, source_site, target_sites, setting, seed, architecture,
 
     from medtta.engine import RunConfig
     from medtta.engine import run as run_protocol
-    from medtta.report import cost_line, source_site_line, summary_table
+    from medtta.paths import results_root
+    from medtta.report import cost_line, recovery_notes, source_site_line, store_args, summary_table
 
     quiet_mlflow()
     arch_config = parse_params(arch_params, "--arch-param")
@@ -62,15 +66,21 @@ def run(method, dataset, source_site, target_sites, setting, seed, architecture,
                        patch_updates=patch_updates, hparams=parse_params(params), arch_config=arch_config,
                        architecture=architecture, device=device, results=results, tracking_uri=tracking_uri,
                        epochs=epochs, progress=not quiet, source_site_check=source_site_check, precision=precision,
-                       rounds=rounds, site_order=site_order)
+                       rounds=rounds, site_order=site_order, rerun=rerun)
     result = run_protocol(protocol, config)
+    if result.reused:
+        click.echo(f"\nAlready finished: MLflow run {result.run_id}, the same method, params, seed and data; its "
+                   "results follow (--rerun runs it again).")
+    elif result.data_changed:
+        click.echo("\nThe data changed since this run last finished (a file's contents or the split): it ran again.")
     click.echo(f"\n{method} on {protocol.name} ({protocol.modality}, {result.setting}, seed {seed}), "
                f"source site {protocol.source_site}")
     click.echo(summary_table(result))
+    for line in recovery_notes(result):
+        click.echo(line)
     click.echo(cost_line(result))
     if result.source_site is not None:
         click.echo(f"\n{source_site_line(result.source_site)}")
     click.echo(f"\nMLflow run {result.run_id} in {result.tracking_uri}")
-    if result.tracking_uri.startswith("sqlite:///"):
-        click.echo(f"  view it:  mlflow ui --backend-store-uri {result.tracking_uri}")
     click.echo(f"Per-case tables: {result.results}")
+    click.echo(f"  view it:  medtta ui {store_args(result.tracking_uri, results_root(results))}")

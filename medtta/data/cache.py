@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,10 @@ class VolumeCache:
         files = [self.checksums.get(str(path.relative_to(self.dataset.root))) or sha256(path)
                  for path in (case.image, case.label)]
         return digest([files, self.dataset.labels, self.pipeline.key()])
+
+    def fingerprint(self, cases: Iterable[Case]) -> str:
+        """What a run read of the data: the contents of each case's image and label, its site and its split."""
+        return digest(sorted((c.case_id, c.site, str(c.split), self.key(c)) for c in cases))
 
     def get(self, case: Case) -> PreparedVolume:
         path = self.dir / f"{self.key(case)}.pt" if self.dir is not None else None

@@ -8,7 +8,17 @@ Modules: `text` (plain-text, Markdown and CSV tables), `store` (reading MLflow),
 from medtta.report.benchmark import Report, compute_tables, write_report
 from medtta.report.store import Cell, SiteRun, Store, read_store
 from medtta.report.tables import Bootstrap
-from medtta.report.text import cost_line, format_table, markdown_table, source_site_line, summary_table, write_csv
+from medtta.report.text import (
+                                cost_line,
+                                format_table,
+                                markdown_table,
+                                recovery_notes,
+                                source_site_line,
+                                store_args,
+                                summary_table,
+                                write_csv,
+)
 
 __all__ = ["Bootstrap", "Cell", "Report", "SiteRun", "Store", "compute_tables", "format_table", "markdown_table",
-           "read_store", "cost_line", "source_site_line", "summary_table", "write_csv", "write_report"]
+           "read_store", "cost_line", "recovery_notes", "source_site_line", "store_args", "summary_table", "write_csv",
+           "write_report"]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 import medtta
-from medtta.metrics import COLLAPSE_FRACTION
+from medtta.metrics import COLLAPSE_FRACTION, RECOVERY_RANGE
 from medtta.report import figures
 from medtta.report import selection as sel
 from medtta.report import tables as t
@@ -184,7 +184,16 @@ def site_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "site", "cases × seeds", "Dice [95 % CI] ±seeds", "unadapted Dice", "recovery [95 % CI] ±seeds",
               "Wilcoxon p", "collapsed"]
     return header, [[r["method"], r["site"], f"{r['cases']} × {r['seeds']}", _ci(r, "dice"), _num(r["dice_source"]),
-                     _ci(r, "dice_recovery"), _p(r["p_vs_source"]), str(r["collapsed_cases"])] for r in rows]
+                     _ci(r, "dice_recovery") + (" !" if r.get("recovery_flag") else ""), _p(r["p_vs_source"]),
+                     str(r["collapsed_cases"])] for r in rows]
+
+
+def recovery_flags(rows: list[dict[str, Any]]) -> list[str]:
+    """A bullet per site row whose recovery is outside `RECOVERY_RANGE` (marked `!` in its table), with why."""
+    low, high = RECOVERY_RANGE
+    return ([f"`!` recovery outside [{low:g}, {high:g}]:", ""]
+            + [f"- {r['method']} on {r['site']}: {r['recovery_flag']}" for r in rows if r.get("recovery_flag")]
+            + [""] if any(r.get("recovery_flag") for r in rows) else [])
 
 
 def source_site_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -262,7 +271,7 @@ def report_markdown(report: Report) -> str:
                   f"{first.modality}, source site {first.params.get('source_site', '?')}; settings "
                   f"{', '.join(sorted({c.setting for c in cells}))}; seeds "
                   f"{', '.join(map(str, sorted({c.seed for c in cells})))}.", "",
-                  markdown_table(*site_table(rows)), ""]
+                  markdown_table(*site_table(rows)), "", *recovery_flags(rows)]
         source = [r for r in tables["source_site"] if r["protocol"] == protocol]
         if source:
             parts += [f"Source-site check: the methods adapting on source site {source[0]['site']}'s own test cases "
@@ -277,8 +286,9 @@ def report_markdown(report: Report) -> str:
                   "Methods that ran several configurations (`medtta bench --sweep`), each strategy picking one per "
                   "target site from what it may see: `default` the paper's values; `loso` the best mean recovery on "
                   "the protocol's other target sites; `val-site:SITE` the best on SITE, which is then not scored; "
-                  "`entropy` the lowest mean prediction entropy on the site among configurations that collapsed "
-                  "none of its cases; `agreement` the highest agreement with the unadapted prediction; `oracle` the "
+                  "`entropy` the lowest mean prediction entropy on the site; `agreement` the highest agreement with "
+                  "the unadapted prediction (both among configurations that collapsed none of the site's cases by "
+                  "the label-free flag: a label of the unadapted prediction vanished or shrank); `oracle` the "
                   "best on the site's own test labels, an upper bound and not a result. Regret: the oracle's "
                   "recovery minus the strategy's, on the same sites.", "",
                   markdown_table(*selection_table(tables["selection"])), "",

@@ -8,9 +8,11 @@ it is allowed to see, and the site is scored with the pick:
 - `oracle`: the best on the site's own labels, the upper bound (uses test labels: never a headline);
 - `loso`: the best mean recovery on the protocol's other target sites (leave one site out);
 - `val-site:SITE`: the best on SITE, a labelled target site used only to choose (SITE is not scored);
-- `entropy`: the lowest mean prediction entropy on the site, among configurations that collapsed none of its cases;
-- `agreement`: the highest agreement with the unadapted prediction on the site.
+- `entropy`: the lowest mean prediction entropy on the site;
+- `agreement`: the highest agreement with the unadapted prediction on the site;
 
+both among the configurations that collapsed none of the site's cases by the label-free flag (a label of the
+unadapted prediction vanished or shrank, `collapsed_label_free`), not the reported label-based `collapsed`.
 Only `oracle` reads the labels of the site it scores (the leakage test checks it).
 """
 
@@ -52,7 +54,7 @@ class Family:
     method: str
     own_criterion: str  # the label-free criterion that is also the method's loss ("" for none)
     sites: dict[str, dict[str, stats.SiteCases]]  # config -> site -> cases
-    indicators: dict[str, dict[str, dict[str, float]]]  # config -> site -> entropy, agreement, collapsed
+    indicators: dict[str, dict[str, dict[str, float]]]  # config -> site -> entropy, agreement, collapsed_label_free
     params: dict[str, dict[str, str]]  # config -> the params of its runs
 
     @property
@@ -93,7 +95,7 @@ def _indicators(cells: list[Cell], sites: set[str]) -> dict[str, dict[str, float
         rows = [r for c in cells for s in c.sites if s.site == site for r in s.rows]
         out[site] = {"entropy": mean([stats.as_float(r.get("entropy")) for r in rows]),
                      "agreement": mean([stats.as_float(r.get("agreement")) for r in rows]),
-                     "collapsed": float(any(stats.is_true(r.get("collapsed")) for r in rows))}
+                     "collapsed_label_free": float(any(stats.is_true(r.get("collapsed_label_free")) for r in rows))}
     return out
 
 
@@ -129,11 +131,11 @@ def choose(family: Family, strategy: str, site: str) -> str | None:
             return None
         return _best(configs, lambda c: family.recovery(c, validation))
     indicators = family.indicators
-    safe = [c for c in configs if not indicators[c][site]["collapsed"]] or configs
+    safe = [c for c in configs if not indicators[c][site]["collapsed_label_free"]] or configs
     if strategy == "entropy":
         return _best(safe, lambda c: -indicators[c][site]["entropy"])
     if strategy == "agreement":
-        return _best(configs, lambda c: indicators[c][site]["agreement"])
+        return _best(safe, lambda c: indicators[c][site]["agreement"])
     raise MedttaError(f"--select '{strategy}': unknown strategy")
 
 

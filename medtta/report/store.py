@@ -177,6 +177,14 @@ def all_runs(client: Any, experiment_ids: list[str], filter_string: str = "") ->
             return
 
 
+def site_runs(client: Any, run: Any) -> list[SiteRun]:
+    """The finished child runs of a parent `run`, with their case rows, in the order they ran."""
+    children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and "
+                                  "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
+    with tempfile.TemporaryDirectory(prefix="medtta-run-") as tmp:
+        return [_site_run(client, child, Path(tmp)) for child in children]
+
+
 def _cell(client: Any, run: Any, experiment: str, children: list, tmp: Path) -> Cell:
     tags, info = run.data.tags, run.info
     sites = [s for s in (_site_run(client, child, tmp) for child in sorted(children, key=lambda c: c.info.start_time))

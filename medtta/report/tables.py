@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from medtta import stats
-from medtta.metrics import mean
+from medtta.metrics import mean, recovery_flag
 from medtta.report.store import SOURCE_ROLE, Cell, SiteRun
 
 
@@ -108,13 +108,16 @@ def _method(cell: Cell) -> dict[str, str]:
 
 def dice_by_site(cells: list[Cell], boot: Bootstrap) -> list[dict[str, Any]]:
     """Per method variant, protocol and target site: Dice and recovery with intervals and seed spread, the
-    unadapted Dice, the Wilcoxon p against it, collapsed cases."""
+    unadapted and in-domain Dice, the Wilcoxon p against it, collapsed cases, and why the recovery is outside
+    `RECOVERY_RANGE` where it is."""
     rows = []
     for (protocol, _), of_method in group(cells, lambda c: (c.protocol, c.label)).items():
         first = of_method[0]
         for site in site_cases(of_method):
+            summary, in_domain = _summary([site], boot), float(stats.nanmean(site.dice_in_domain))
             rows.append({**_method(first), "protocol": protocol, "modality": first.modality, "site": site.site,
-                         **_summary([site], boot), "collapsed_cases": _collapsed(of_method, site.site)})
+                         **summary, "dice_in_domain": in_domain, "collapsed_cases": _collapsed(of_method, site.site),
+                         "recovery_flag": recovery_flag(summary["dice"], summary["dice_source"], in_domain)})
     return rows
 
 

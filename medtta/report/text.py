@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medtta.metrics import recovery_flag
+
 if TYPE_CHECKING:
     from medtta.engine import RunResult, SiteResult
 
@@ -31,11 +33,37 @@ def summary_table(result: RunResult) -> str:
     header = ["site", "cases", "dice_source", "dice_adapted", "dice_in_domain (cases)", "recovery", "s/volume",
               "collapsed"]
     in_domain = f"{_fmt(result.dice_in_domain)} ({result.in_domain_cases})"
-    rows = [[s.site, str(int(s.summary["cases"])), _fmt(s.summary.get("dice_source", math.nan)),
-             _fmt(s.summary.get("dice", math.nan)), in_domain, _fmt(s.summary["dice_recovery"]),
+    rows = [[s.site, _cases(s.summary), _fmt(s.summary.get("dice_source", math.nan)),
+             _fmt(s.summary.get("dice", math.nan)), in_domain, _recovery(s.summary, result.dice_in_domain),
              _fmt(s.summary["seconds_per_volume"], 2), str(int(s.summary["collapsed_cases"]))]
             for s in result.sites]
     return format_table(header, rows)
+
+
+def _cases(summary: dict[str, float]) -> str:
+    """Volumes, and the passes over them where a stream visits each several times (recurring)."""
+    cases, passes = int(summary["cases"]), int(summary.get("passes", summary["cases"]))
+    return str(cases) if passes == cases else f"{cases} ({passes} passes)"
+
+
+def _recovery(summary: dict[str, float], in_domain: float) -> str:
+    """The recovery, marked `!` outside `RECOVERY_RANGE` (the reason is printed below the table)."""
+    flagged = recovery_flag(summary.get("dice", math.nan), summary.get("dice_source", math.nan), in_domain)
+    return _fmt(summary["dice_recovery"]) + (" !" if flagged else "")
+
+
+def store_args(uri: str, results: Path) -> str:
+    """The options naming a store for `medtta ui` / `medtta report`: `--results DIR` for the results dir's own."""
+    from medtta.tracking import tracking_uri
+
+    return f"--results {results}" if uri == tracking_uri(None, results) else f"--tracking-uri {uri}"
+
+
+def recovery_notes(result: RunResult) -> list[str]:
+    """A line per target site whose recovery is outside `RECOVERY_RANGE`, with the reason."""
+    return [f"  ! {s.site}: recovery {_fmt(s.summary['dice_recovery'])}: {reason}" for s in result.sites
+            if (reason := recovery_flag(s.summary.get("dice", math.nan), s.summary.get("dice_source", math.nan),
+                                        result.dice_in_domain))]
 
 
 def cost_line(result: RunResult) -> str:
