@@ -47,13 +47,17 @@ from medtta.protocol import Protocol
 from medtta.registry import ADAPTERS, ARCHITECTURES
 from medtta.stats import mean_dice_change, recovery_per_round, slope, summarize_cases
 from medtta.streams import (
+    DEFAULT_RAMP,
     DEFAULT_ROUNDS,
     ORDERED,
+    STREAM_HPARAMS,
     Visit,
     check_setting,
+    check_stream_hparams,
     parse_site_order,
     pass_labels,
     target_stream,
+    with_resets,
 )
 from medtta.tracking import Tracker, parent_runs, previous, stale_message, tracking_uri
 
@@ -84,6 +88,8 @@ class RunConfig:
     rounds: int = DEFAULT_ROUNDS  # passes over the target sites in the recurring setting
     site_order: str = "fixed"  # or `shuffled:N`: the continual and recurring figures averaged over N site orders
     rerun: bool = False  # run again though an identical run (same cell, same data) finished in the store
+    shuffle_within_site: bool = False  # each site's volumes in a seeded order instead of case order
+    ramp: int = DEFAULT_RAMP  # gradual: volumes over which one site's stream turns into the next's
 
 
 #: `medtta.site_role` of a child run: a target site, or the source site of the "do no harm" check
@@ -376,9 +382,11 @@ class Engine:
         self.protocol = protocol
         self.config = config
         self.adapter_cls = ADAPTERS.get(config.method)
-        self.adapter_cls.check_hparams(config.hparams)
         self.setting = config.setting or protocol.setting
         check_setting(self.setting, config.rounds)
+        check_stream_hparams(self.setting, config.hparams)
+        self.method_hparams = {k: v for k, v in config.hparams.items() if k not in STREAM_HPARAMS}
+        self.adapter_cls.check_hparams(self.method_hparams)
         parse_site_order(config.site_order)
         self.steps = self.adapter_cls.default_steps if config.steps is None else config.steps
         self.architecture_name = method_architecture(config.method, config.architecture)
@@ -395,6 +403,10 @@ class Engine:
             self.protocol = dataclasses.replace(protocol, training=training)
         self.protocol = plan_3d(self.protocol)  # before `params()` and `cell()`, which hold the planned values
         self._data: tuple[Dataset, VolumeCache] | None = None
+
+    @property
+    def reset_every(self) -> int:
+        return self.config.hparams.get("reset_every", 0)
 
     def data(self) -> tuple[Dataset, VolumeCache]:
         """The protocol's dataset, checked, and its volume cache (prepared once per engine)."""
@@ -427,10 +439,13 @@ class Engine:
                 **{f"arch.{k}": v for k, v in {**self.architecture.defaults, **c.arch_config}.items()}}
 
     def _stream_params(self) -> dict[str, Any]:
-        """`rounds` of a recurring run and the `site_order` of shuffled orders, where they change the figures."""
+        """`rounds` of a recurring run, the `site_order` of shuffled orders, the `ramp` of a gradual stream and
+        `shuffle_within_site`, where they change the figures (and only then: older cells keep their identity)."""
         c = self.config
         return {**({"rounds": c.rounds} if self.setting == "recurring" else {}),
-                **({"site_order": c.site_order} if self.setting in ORDERED and c.site_order != "fixed" else {})}
+                **({"site_order": c.site_order} if self.setting in ORDERED and c.site_order != "fixed" else {}),
+                **({"ramp": c.ramp} if self.setting == "gradual" else {}),
+                **({"shuffle_within_site": True} if c.shuffle_within_site and self.setting != "mixed" else {})}
 
     def cell(self) -> str:
         """The identity of what this run computes: a finished run with the same cell need not run again."""
@@ -490,14 +505,15 @@ class Engine:
             in_domain = unadapted.in_domain_dice(source_tests, c.progress)
             tracker.log_metrics({"dice_in_domain": in_domain})
             seed_everything(c.seed)
-            adapter = create_adapter(c.method, copy.deepcopy(model), record, **c.hparams).to(self.device)
+            adapter = create_adapter(c.method, copy.deepcopy(model), record, **self.method_hparams).to(self.device)
             adapter.use_precision(self.precision, self.device)
             adapter.patches_per_update = c.batch_size
             if c.patch_updates is not None:
                 adapter.updates_per_pass = c.patch_updates
             out_dir = self.results / "runs" / p.name / run_id
             cases = {site: dataset.cases_of(site, "test") for site in p.target_sites}
-            stream = target_stream(self.setting, cases, c.seed, c.rounds, c.site_order)
+            stream = target_stream(self.setting, cases, c.seed, c.rounds, c.site_order, c.shuffle_within_site, c.ramp,
+                                   self.reset_every)
             sites = self._run_sites(stream, TARGET, dataset, unadapted, adapter, tracker, tags, in_domain, out_dir)
             metrics = {**self._parent_metrics(sites), **self._round_metrics(sites, in_domain, tracker)}
             check = self._source_site_check(dataset, unadapted, adapter, tracker, tags, out_dir)
@@ -529,7 +545,7 @@ class Engine:
         adapter.reset()
         seed_everything(self.config.seed)
         site = self.protocol.source_site
-        stream = [Visit(site, case) for case in dataset.cases_of(site, "test")]
+        stream = with_resets([Visit(site, case) for case in dataset.cases_of(site, "test")], self.reset_every)
         return self._run_sites(stream, SOURCE, dataset, unadapted, adapter, tracker, tags, math.nan, out_dir)[0]
 
     def _run_sites(self, stream: list[Visit], role: str, dataset: Dataset, unadapted: SourcePredictions,

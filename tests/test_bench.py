@@ -301,7 +301,13 @@ def test_a_sweep_runs_every_configuration_as_a_cell_of_its_own(dataset: Path, tm
     assert rows["tent", "val-site:B"]["picks"].startswith("C: ") and float(rows["tent", "oracle"]["regret"]) == 0
     assert rows["tent", "entropy"]["own_loss"] == "True" and rows["bn-stats", "entropy"]["own_loss"] == "False"
     assert "## Choosing a configuration" in (report / "report.md").read_text(encoding="utf-8")
-    assert (report / "synth-mri" / "lr_sensitivity.png").is_file()
+    assert {p.name for p in (report / "synth-mri").glob("sensitivity_*.png")} == {
+        "sensitivity_lr.png", "sensitivity_steps.png", "sensitivity_source_weight.png"}
+    with (report / "sensitivity.csv").open(encoding="utf-8") as fh:
+        points = {(r["method"], r["key"], r["config"]): float(r["value"]) for r in csv.DictReader(fh)}
+    assert points["tent", "steps", "lr=0.01,steps=2"] == 2.0 and points["bn-stats", "source_weight", "default"] == 0.0
+    assert "Warning: Kendall τ between strategies rests on fewer than 3 methods for synth-mri (episodic): it is ±1" in (
+        done.output)
 
 
 @pytest.mark.parametrize(("sweep", "message"), [

@@ -172,7 +172,7 @@ def test_list_commands() -> None:
     assert code == 0 and lines[0].split() == ["METHOD", "PARADIGM", "ARCHITECTURE", "DIMS", "NORMS", "SWEEP",
                                                "DESCRIPTION"]
     rows = {line.split()[0]: line.split()[1:6] for line in lines[1:]}
-    assert rows["tent"] == ["output", "unet,nnunet", "2,3", "batch,instance,group", "lr=0.0001,0.001,0.01"]
+    assert rows["tent"] == ["output", "unet,nnunet", "2,3", "batch,instance,group", "lr=0.0001,0.001,0.01;steps=1,3"]
     assert rows["source"][4] == "-"
     assert rows["norm-net"][:2] == ["input", "unet-normalizer"]
     assert rows["ttt-rot"][:2] == ["feature", "unet-rotation"] and rows["source"][:2] == ["none", "unet,nnunet"]

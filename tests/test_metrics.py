@@ -9,7 +9,15 @@ import pytest
 import torch
 from monai.metrics import compute_hausdorff_distance
 
-from medtta.metrics import collapse_reason, dice_recovery, foreground_voxels, hd95, volume_dice, volume_metrics
+from medtta.metrics import (
+    collapse_reason,
+    dice_recovery,
+    foreground_voxels,
+    hd95,
+    recovery_flag,
+    volume_dice,
+    volume_metrics,
+)
 
 LABELS = {"background": 0, "a": 1, "b": 2}
 
@@ -103,3 +111,14 @@ def test_only_the_scored_labels_count() -> None:
     assert volume_dice(pred, ref, all_labels)["dice"] == pytest.approx((2 / 3 + 1) / 2)  # c: NaN, left out
     d = volume_metrics(pred, ref, {"b": 2}, spacing=(1.0, 1.0, 1.0))
     assert set(d) == {"dice_b", "dice", "hd95"} and d["dice"] == pytest.approx(1.0) and d["hd95"] == 0.0
+
+
+def test_recovery_outside_its_range_is_flagged_with_why() -> None:
+    assert recovery_flag(0.80, 0.50, 0.90) == ""  # 0.75
+    assert recovery_flag(0.80, 0.50, math.nan) == ""  # no in-domain Dice: no recovery
+    above = recovery_flag(0.80, 0.50, 0.60)  # 3.0: a 1-epoch source scores below the adapted Dice at its own site
+    assert above.startswith("adapted Dice 0.800 is above the in-domain Dice 0.600") and "gap of 0.100" in above
+    below = recovery_flag(0.30, 0.50, 0.55)  # -4.0
+    assert below.startswith("adapted Dice 0.300 fell 0.200 below unadapted, more than the gap of 0.050")
+    assert recovery_flag(0.50 + 1.4 * 0.4, 0.50, 0.90) == "" and recovery_flag(0.25, 0.5, 0.8) == ""  # 1.4, -0.83
+    assert recovery_flag(0.08, 0.5, 0.8) != ""  # -1.4

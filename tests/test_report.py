@@ -232,3 +232,24 @@ def test_recurring_table_and_a_case_scored_once_per_round() -> None:
     site_b = tables.site_cases(cells)[0]
     assert site_b.case_ids == ("c1", "c2") and site_b.dice[0] == pytest.approx([0.65, 0.65])
     assert tables.recurring([c for c in cells if c.setting != "recurring"]) == []
+
+
+def test_a_recovery_outside_its_range_is_marked_with_why() -> None:
+    from medtta.report import tables
+    from medtta.report.benchmark import recovery_flags, site_table
+    from medtta.report.store import SiteRun
+    from medtta.report.tables import Bootstrap
+
+    def site(name: str, dice: float) -> SiteRun:
+        return SiteRun("r", name, {}, [{"case_id": f"{name}{k}", "dice": dice, "dice_source": 0.5} for k in range(3)])
+
+    cells = [Cell("id", "medtta/p", "p", "MRI", "tent", "output", "unet", "episodic", 0, {"seed": "0"},
+                  {"dice_in_domain": 0.6}, 0, [site("B", 0.8), site("C", 0.55)])]  # recoveries 3.0 and 0.5
+    label_variants(cells)
+    rows = tables.dice_by_site(cells, Bootstrap(50, 0))
+    assert [bool(r["recovery_flag"]) for r in rows] == [True, False]
+    _, shown = site_table(rows)
+    assert shown[0][5].endswith(" !") and not shown[1][5].endswith("!")
+    notes = recovery_flags(rows)
+    assert notes[0] == "`!` recovery outside [-1, 1.5]:" and notes[2].startswith(
+        "- tent on B: adapted Dice 0.800 is above the in-domain Dice 0.600") and len(notes) == 4

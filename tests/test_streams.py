@@ -6,7 +6,7 @@ import pytest
 
 from medtta.bench import select_settings
 from medtta.errors import MedttaError
-from medtta.streams import SETTINGS, parse_site_order, target_stream
+from medtta.streams import SETTINGS, check_stream_hparams, parse_site_order, target_stream
 
 CASES = {"B": ["b1", "b2"], "C": ["c1", "c2", "c3"], "D": ["d1"]}
 IN_ORDER = [("B", "b1"), ("B", "b2"), ("C", "c1"), ("C", "c2"), ("C", "c3"), ("D", "d1")]
@@ -69,3 +69,51 @@ def test_bench_settings() -> None:
     assert select_settings("mixed, per-site") == ("mixed", "per-site")
     with pytest.raises(MedttaError, match="--setting 'online': expected all or comma-separated settings of"):
         select_settings("episodic,online")
+
+
+LONG = {"B": [f"b{k:02d}" for k in range(12)], "C": [f"c{k:02d}" for k in range(12)]}
+
+
+def test_gradual_ramps_from_one_site_into_the_next() -> None:
+    stream = target_stream("gradual", LONG, seed=0, ramp=6)
+    sites = "".join(v.site for v in stream)
+    assert sorted(visits(stream)) == sorted(visits(target_stream("continual", LONG, seed=0)))  # each volume once
+    assert not any(v.reset for v in stream)
+    assert sites[:9] == "B" * 9 and sites[15:] == "C" * 9 and sites[9:15].count("C") == 3  # the ramp: 6 volumes
+    assert target_stream("gradual", LONG, seed=0, ramp=6) == stream and target_stream(
+        "gradual", LONG, seed=1, ramp=6) != stream
+    assert visits(target_stream("gradual", LONG, seed=0, ramp=0)) == visits(target_stream("continual", LONG, 0))
+    ramps = ["".join(v.site for v in target_stream("gradual", LONG, seed=s, ramp=6))[9:15] for s in range(300)]
+    share = [sum(r[j] == "C" for r in ramps) / len(ramps) for j in range(6)]
+    assert share == sorted(share) and share[0] < 0.2 and share[-1] > 0.7  # the next site's share rises
+    small = target_stream("gradual", {"B": ["b1", "b2"], "C": ["c1"], "D": ["d1", "d2", "d3"]}, seed=0, ramp=8)
+    assert sorted(visits(small)) == sorted([("B", "b1"), ("B", "b2"), ("C", "c1"), ("D", "d1"), ("D", "d2"),
+                                            ("D", "d3")])  # small sites: at most half of each mixes
+
+
+def test_shuffle_within_site_keeps_the_sites_in_order() -> None:
+    stream = target_stream("continual", LONG, seed=0, shuffle_within_site=True)
+    assert [v.site for v in stream] == ["B"] * 12 + ["C"] * 12
+    assert [v.case for v in stream[:12]] != LONG["B"] and sorted(v.case for v in stream[:12]) == LONG["B"]
+    assert target_stream("continual", LONG, seed=0, shuffle_within_site=True) == stream
+    assert target_stream("continual", LONG, seed=1, shuffle_within_site=True) != stream
+    per_site = target_stream("per-site", LONG, seed=0, shuffle_within_site=True)
+    assert visits(per_site) == visits(stream) and [v.reset for v in per_site].count(True) == 2
+
+
+@pytest.mark.parametrize("setting", ["continual", "per-site", "mixed", "recurring", "gradual"])
+def test_reset_every_resets_the_stream_every_n_volumes(setting: str) -> None:
+    plain = target_stream(setting, LONG, seed=0, rounds=2)
+    stream = target_stream(setting, LONG, seed=0, rounds=2, reset_every=10)
+    assert visits(stream) == visits(plain)
+    resets = {k for k, v in enumerate(stream) if v.reset}
+    assert resets == set(range(10, len(stream), 10)) | {k for k, v in enumerate(plain) if v.reset}
+
+
+def test_reset_every_is_checked() -> None:
+    check_stream_hparams("continual", {"reset_every": 10})
+    for value in (-1, 2.5, True):
+        with pytest.raises(MedttaError, match=f"-p reset_every={value}: expected a whole number of volumes"):
+            check_stream_hparams("continual", {"reset_every": value})
+    with pytest.raises(MedttaError, match="-p reset_every resets an online stream"):
+        check_stream_hparams("episodic", {"reset_every": 10})

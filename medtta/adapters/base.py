@@ -68,11 +68,15 @@ class Adapter(nn.Module):
 
     @classmethod
     def sweep_space(cls) -> dict[str, tuple[Any, ...]]:
-        """The declared `search_space`, or the learning rate ×0.1, ×1, ×10."""
+        """The declared `search_space`, or the learning rate ×0.1, ×1, ×10 and the steps 1, ×1, ×3 (TTAB finds steps
+        matter as much as the learning rate)."""
         if cls.search_space is not None:
             return cls.search_space
-        lr = cls.defaults.get("lr")
-        return {"lr": tuple(float(f"{lr * f:.6g}") for f in (0.1, 1, 10))} if lr else {}  # 7.5e-05, not ...01e-05
+        lr, steps = cls.defaults.get("lr"), cls.default_steps
+        if not lr:
+            return {}
+        return {"lr": tuple(float(f"{lr * f:.6g}") for f in (0.1, 1, 10)),  # 7.5e-05, not 7.500000000000001e-05
+                **({"steps": tuple(sorted({1, steps, 3 * steps}))} if steps else {})}
 
     @classmethod
     def config_tag(cls, hparams: dict[str, Any], steps: Any) -> str:

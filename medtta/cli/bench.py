@@ -49,8 +49,8 @@ def _grouped_params(values: tuple[str, ...]) -> dict[str, dict]:
                    "GPU cells asking for a GPU. Needs pip install 'medtta[ray]'.")
 @engine_options
 def bench(methods, datasets, seeds, setting, source_site, params, sweeps, workers, executor, steps, batch_size,
-          patch_updates, arch_params, epochs, source_site_check, device, precision, rounds, site_order, results,
-          tracking_uri, quiet) -> None:
+          patch_updates, arch_params, epochs, source_site_check, device, precision, rounds, site_order,
+          shuffle_within_site, ramp, results, tracking_uri, quiet) -> None:
     """Run every method on every protocol and seed (a grid of cells), as `medtta run` would, and summarize.
 
     Datasets are checked and source models trained (with their unadapted predictions) once, before any cell
@@ -81,7 +81,7 @@ def bench(methods, datasets, seeds, setting, source_site, params, sweeps, worker
     run = RunConfig(method="source", steps=steps, batch_size=batch_size, patch_updates=patch_updates,
                     arch_config=parse_params(arch_params, "--arch-param"), device=device, results=results,
                     tracking_uri=tracking_uri, epochs=epochs, source_site_check=source_site_check, precision=precision,
-                    rounds=rounds, site_order=site_order)
+                    rounds=rounds, site_order=site_order, shuffle_within_site=shuffle_within_site, ramp=ramp)
     config = BenchConfig(methods=chosen, protocols=select_protocols(datasets, source_site), seeds=seed_list,
                          settings=select_settings(setting),
                          hparams=method_params(_grouped_params(params), chosen),

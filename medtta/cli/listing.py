@@ -35,7 +35,7 @@ def list_adapters(pattern: str) -> None:
     rows = [("METHOD", "PARADIGM", "ARCHITECTURE", "DIMS", "NORMS", "SWEEP", "DESCRIPTION")]
     for name in ADAPTERS.list(pattern):
         cls = ADAPTERS.get(name)
-        sweep = " ".join(f"{k}={','.join(map(str, v))}" for k, v in cls.sweep_space().items()) or "-"
+        sweep = ";".join(f"{k}={','.join(map(str, v))}" for k, v in cls.sweep_space().items()) or "-"
         norms = ",".join(cls.norms) if "norm" in ARCHITECTURES.get(cls.architecture).defaults else "-"
         rows.append((name, cls.paradigm, ",".join(cls.architectures()), ",".join(map(str, cls.spatial_dims)), norms,
                      sweep, ADAPTERS.describe(name)))

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import yaml
 
-from medtta.streams import DEFAULT_ROUNDS
+from medtta.streams import DEFAULT_RAMP, DEFAULT_ROUNDS
 
 
 def parse_params(values: tuple[str, ...], option: str = "--param") -> dict:
@@ -103,8 +103,12 @@ engine_options = _apply([
     click.option("--rounds", default=DEFAULT_ROUNDS, show_default=True, type=click.IntRange(min=1),
                  help="Passes over the target sites in the recurring setting (recovery per round and its slope)."),
     click.option("--site-order", default="fixed", show_default=True, metavar="fixed|shuffled:N",
-                 help="fixed: the protocol's site order; shuffled:N: the continual and recurring streams run over N "
-                      "seeded site orders (reset before each) and their figures are means over the orders."),
+                 help="fixed: the protocol's site order; shuffled:N: the continual, recurring and gradual streams run "
+                      "over N seeded site orders (reset before each) and their figures are means over the orders."),
+    click.option("--shuffle-within-site", is_flag=True,
+                 help="Each site's volumes in a seeded order (default: case order). A run param."),
+    click.option("--ramp", default=DEFAULT_RAMP, show_default=True, type=click.IntRange(min=0),
+                 help="gradual: volumes over which one site's stream turns into the next's."),
     RESULTS,
     TRACKING_URI,
     click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
@@ -113,4 +117,6 @@ engine_options = _apply([
 #: `--setting`'s help, shared by `medtta run` and `medtta bench`
 SETTING_HELP = ("episodic: reset per volume, adapt then predict; continual: the target sites one after another, "
                 "predict then update, never reset; per-site: reset when the site changes, online within it; mixed: "
-                "every target volume in one seeded shuffled stream; recurring: the continual stream --rounds times.")
+                "every target volume in one seeded shuffled stream; recurring: the continual stream --rounds times; "
+                "gradual: the continual stream ramping from each site into the next over --ramp volumes. Any method "
+                "takes -p reset_every=N in the online settings: a reset every N volumes (RDumb's baseline).")

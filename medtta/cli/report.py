@@ -44,10 +44,10 @@ def report(results, tracking_uri, experiments, out, resamples, seed, strategies,
     unadapted prediction, and every collapsed case; runs of the recurring setting add their recovery per round and
     its slope, sweeps the choice of a configuration (--select). CSVs hold the numbers (recovery_by_modality,
     dice_by_site, by_paradigm, cost, collapses, and source_site, recurring, selection, selection_rankings,
-    selection_criteria and lr_sensitivity when runs made them); PNG figures per protocol: recovery heatmap (method
-    × target site), Dice per site with intervals, cost against recovery, recovery against learning rate after a
-    sweep, and qualitative cases (image, ground truth, unadapted and adapted prediction) where the runs logged
-    slices.
+    selection_criteria and sensitivity when runs made them); PNG figures per protocol: recovery heatmap (method
+    × target site), Dice per site with intervals, cost against recovery, recovery against each swept key after a
+    sweep (sensitivity_<key>.png), and qualitative cases (image, ground truth, unadapted and adapted prediction)
+    where the runs logged slices.
     """
     import mlflow  # noqa: F401  (it sets its log level on import: quieted after it)
 
@@ -65,4 +65,9 @@ def report(results, tracking_uri, experiments, out, resamples, seed, strategies,
                            strategies=[s.strip() for s in strategies.split(",") if s.strip()])
     click.echo("\nDice recovery per modality (95 % CI over cases, ±std over seeds):")
     click.echo(format_table(*headline_table(written.tables["recovery_by_modality"])))
+    few = [r for r in written.tables["selection_rankings"] if r["few_methods"]]
+    if few:
+        settings = ", ".join(dict.fromkeys(f"{r['protocol']} ({r['setting']})" for r in few))
+        click.echo(f"Warning: Kendall τ between strategies rests on fewer than 3 methods for {settings}: it is ±1 or "
+                   "undefined whatever the strategy, not evidence", err=True)
     click.echo(f"\nReport: {written.markdown}")

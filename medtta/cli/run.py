@@ -35,7 +35,7 @@ from medtta.streams import SETTINGS
                    "without it, that run's results are printed.")
 def run(method, dataset, source_site, target_sites, setting, seed, architecture, checkpoint, steps, batch_size,
         patch_updates, params, arch_params, epochs, source_site_check, device, precision, rounds, site_order,
-        results, tracking_uri, quiet, rerun) -> None:
+        shuffle_within_site, ramp, results, tracking_uri, quiet, rerun) -> None:
     """Adapt a source model to every target site of a protocol and report Dice recovery.
 
     Generates synthetic data and trains the source model on first use (both cached), adapts on each
@@ -66,7 +66,8 @@ def run(method, dataset, source_site, target_sites, setting, seed, architecture,
                        patch_updates=patch_updates, hparams=parse_params(params), arch_config=arch_config,
                        architecture=architecture, device=device, results=results, tracking_uri=tracking_uri,
                        epochs=epochs, progress=not quiet, source_site_check=source_site_check, precision=precision,
-                       rounds=rounds, site_order=site_order, rerun=rerun)
+                       rounds=rounds, site_order=site_order, rerun=rerun,
+                       shuffle_within_site=shuffle_within_site, ramp=ramp)
     result = run_protocol(protocol, config)
     if result.reused:
         click.echo(f"\nAlready finished: MLflow run {result.run_id}, the same method, params, seed and data; its "

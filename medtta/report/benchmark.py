@@ -24,7 +24,7 @@ from medtta.stats import PARADIGMS, Estimate
 
 CSVS = ("recovery_by_modality", "dice_by_site", "by_paradigm", "cost", "collapses")
 # written only when they have rows: some run made the source-site check, recurred, or a sweep ran configurations
-CHECK_CSVS = ("source_site", "recurring", "selection", "selection_rankings", "selection_criteria", "lr_sensitivity")
+CHECK_CSVS = ("source_site", "recurring", "selection", "selection_rankings", "selection_criteria", "sensitivity")
 FIGURES = ("recovery_heatmap", "dice_per_site", "cost_vs_recovery", "qualitative")
 ARTIFACT_DIR = "report"  # figures land in each parent run as report/<figure>.png
 
@@ -55,7 +55,7 @@ def compute_tables(cells: list[Cell], boot: t.Bootstrap = t.DEFAULT, strategies:
             "by_paradigm": t.by_paradigm(by_modality), "cost": t.cost(cells), "collapses": t.collapses(cells),
             "source_site": t.source_site(cells, boot), "recurring": t.recurring(cells), "selection": selection,
             "selection_rankings": sel.ranking_agreement(selection),
-            "selection_criteria": sel.criterion_correlation(families), "lr_sensitivity": sel.lr_sensitivity(families)}
+            "selection_criteria": sel.criterion_correlation(families), "sensitivity": sel.sensitivity(families)}
 
 
 def csv_names(tables: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -104,10 +104,10 @@ def protocol_figures(report: Report, protocol: str, cells: list[Cell]) -> list[P
     points = [{**r, **{k: v for k, v in recovery[r["method"]].items() if k.startswith("dice_recovery")}}
               for r in report.tables["cost"] if r["protocol"] == protocol]
     paths.append(figures.cost_vs_recovery(points, f"Cost against recovery, {title}", folder / "cost_vs_recovery.png"))
-    sensitivity = [p for p in report.tables["lr_sensitivity"] if p["protocol"] == protocol]
-    if sensitivity:
-        paths.append(figures.lr_sensitivity(sensitivity, f"Recovery against learning rate, {title}",
-                                            folder / "lr_sensitivity.png"))
+    sensitivity = [p for p in report.tables["sensitivity"] if p["protocol"] == protocol]
+    for key in dict.fromkeys(p["key"] for p in sensitivity):
+        paths.append(figures.sensitivity([p for p in sensitivity if p["key"] == key], key,
+                                         f"Recovery against {key}, {title}", folder / f"sensitivity_{key}.png"))
     changes = t.case_changes(cells)
     chosen = figures.pick_cases([c for c in changes if c["cell"].paradigm != "none"] or changes)  # source: no change
     if chosen:
@@ -296,7 +296,11 @@ def report_markdown(report: Report) -> str:
                   "setting):", "",
                   markdown_table(["protocol", "setting", "strategy", "methods", "Kendall τ"],
                                  [[r["protocol"], r["setting"], r["strategy"], str(r["methods"]),
-                                   _num(r["kendall_tau"])] for r in tables["selection_rankings"]]), "",
+                                   _num(r["kendall_tau"]) + (" ⚠" if r["few_methods"] else "")]
+                                  for r in tables["selection_rankings"]]), "",
+                  *([f"⚠ fewer than {sel.MIN_RANKED} methods: τ is ±1 (or undefined) whatever the strategy, so "
+                     "it says nothing about it; sweep more methods.", ""]
+                    if any(r["few_methods"] for r in tables["selection_rankings"]) else []),
                   "How well each label-free criterion ranks a method's configurations on a site by true recovery "
                   "(Kendall's τ, entropy negated, mean over methods and sites):", "",
                   markdown_table(["protocol", "criterion", "method × site pairs", "Kendall τ"],

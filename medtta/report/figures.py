@@ -144,21 +144,22 @@ def case_caption(case: dict[str, Any]) -> str:
     return caption
 
 
-def lr_sensitivity(points: list[dict[str, Any]], title: str, path: Path) -> Path:
-    """Recovery against the learning rate (log scale), one line per method through its configurations' mean
-    recovery at each rate (several configurations at one rate: other swept values)."""
+def sensitivity(points: list[dict[str, Any]], key: str, title: str, path: Path) -> Path:
+    """Recovery against one swept key (log scale for the learning rate), one line per method through its
+    configurations' mean recovery at each value (several configurations at one value: other swept values)."""
     from matplotlib import colormaps
 
     fig = _figure(5.5, 3.8)
     ax = fig.add_subplot()
     for k, method in enumerate(dict.fromkeys(p["method"] for p in points)):  # tab20: 17 methods, no repeated colour
         mine = [p for p in points if p["method"] == method]
-        rates = sorted({p["lr"] for p in mine})
-        curve = [float(np.nanmean([p["dice_recovery"] for p in mine if p["lr"] == r])) for r in rates]
-        ax.plot(rates, curve, marker="os^Dv"[k % 5], color=colormaps["tab20"](k % 20), label=method)
-    ax.set_xscale("log")
+        values = sorted({p["value"] for p in mine})
+        curve = [float(np.nanmean([p["dice_recovery"] for p in mine if p["value"] == v])) for v in values]
+        ax.plot(values, curve, marker="os^Dv"[k % 5], color=colormaps["tab20"](k % 20), label=method)
+    if key == "lr":
+        ax.set_xscale("log")
     ax.axhline(0, color="0.5", linewidth=0.8)
-    ax.set_xlabel("learning rate")
+    ax.set_xlabel(key)
     ax.set_ylabel("Dice recovery (mean over target sites)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)

@@ -163,9 +163,13 @@ def selection_rows(found: list[Family], strategies: Sequence[str], boot: Bootstr
     return rows
 
 
+#: with fewer methods, Kendall's τ is ±1 (or undefined) whatever the strategy: flagged `few_methods`, not evidence
+MIN_RANKED = 3
+
+
 def ranking_agreement(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per protocol, setting and realistic strategy: Kendall's τ between the methods' ranking by it and by the
-    oracle (1: the same ranking)."""
+    oracle (1: the same ranking), flagged `few_methods` below `MIN_RANKED` methods."""
     out = []
     keys = dict.fromkeys((r["protocol"], r["setting"]) for r in rows)
     for protocol, setting in keys:
@@ -177,7 +181,7 @@ def ranking_agreement(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             tau = (float(kendalltau([oracle[m] for m in methods], [score[m] for m in methods]).statistic)
                    if len(methods) > 1 else math.nan)
             out.append({"protocol": protocol, "setting": setting, "strategy": strategy, "methods": len(methods),
-                        "kendall_tau": tau})
+                        "kendall_tau": tau, "few_methods": len(methods) < MIN_RANKED})
     return out
 
 
@@ -204,15 +208,25 @@ def criterion_correlation(found: list[Family]) -> list[dict[str, Any]]:
     return out
 
 
-def lr_sensitivity(found: list[Family]) -> list[dict[str, Any]]:
-    """Per family that swept its learning rate, per configuration: the learning rate and the recovery (mean over
-    target sites), for the sensitivity figure."""
+#: the run params a sweep varies besides the method's hyper-parameters (`hp.*`)
+RUN_KEYS = ("steps", "batch_size")
+
+
+def swept_keys(family: Family) -> list[str]:
+    """The params (`hp.lr`, `steps`, ...) whose values differ between the family's configurations."""
+    keys = dict.fromkeys(k for c in family.configs for k in family.params[c] if k.startswith("hp.") or k in RUN_KEYS)
+    return [k for k in keys if len({family.params[c].get(k) for c in family.configs}) > 1]
+
+
+def sensitivity(found: list[Family]) -> list[dict[str, Any]]:
+    """Per family, swept key and configuration: the key (`lr`, `steps`, `source_weight`, ...), its value and the
+    configuration's recovery (mean over target sites), for the sensitivity figures (one per key)."""
     points = []
     for family in found:
-        if len({family.params[c].get("hp.lr") for c in family.configs}) < 2:
-            continue
-        for config in family.configs:
-            points.append({"protocol": family.protocol, "setting": family.setting, "method": family.method,
-                           "config": config, "lr": float(family.params[config]["hp.lr"]),
-                           "dice_recovery": mean([family.recovery(config, s) for s in family.site_names])})
+        for key in swept_keys(family):
+            for config in family.configs:
+                points.append({"protocol": family.protocol, "setting": family.setting, "method": family.method,
+                               "key": key.removeprefix("hp."), "value": stats.as_float(family.params[config][key]),
+                               "config": config,
+                               "dice_recovery": mean([family.recovery(config, s) for s in family.site_names])})
     return points
