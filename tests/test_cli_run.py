@@ -488,3 +488,29 @@ def test_a_failing_run_keeps_the_cases_it_evaluated(dataset: Path, results: Path
     with Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path=partial.path,
                                                   tracking_uri=uri(results))).open(encoding="utf-8") as fh:
         assert [row["site"] for row in csv.DictReader(fh)] == ["B"]  # the one volume evaluated before the failure
+
+
+def test_reset_every_and_gradual_reach_the_stream(dataset: Path, results: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from medtta.adapters.tent import Tent
+
+    resets, reset = [], Tent.reset
+    monkeypatch.setattr(Tent, "reset", lambda self: (resets.append(1), reset(self))[1])
+    counts = {}
+    for extra in ((), ("-p", "reset_every=2")):
+        resets.clear()
+        code, out, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", "continual", "--rerun",
+                                          *extra))
+        assert code == 0, err
+        counts[extra] = len(resets)
+    assert counts["-p", "reset_every=2"] == counts[()] + 1  # 4 target volumes: one more reset, before the third
+    parent = _parent_of(results, out)
+    assert parent.info.run_name == "tent · synth-mri · seed 0 · continual · reset_every=2"
+    assert parent.data.params["hp.reset_every"] == "2"
+    code, out, err = invoke(*run_args(dataset, results, "--method", "tent", "--setting", "gradual", "--ramp", "2"))
+    assert code == 0, err
+    parent = _parent_of(results, out)
+    assert parent.data.params["ramp"] == "2" and parent.info.run_name == "tent · synth-mri · seed 0 · gradual"
+    assert [len(_site_rows(results, parent, site)) for site in ("B", "C")] == [2, 2]
+    code, _, err = invoke(*run_args(dataset, results, "--method", "tent", "-p", "reset_every=2"))
+    assert code == 2 and "-p reset_every resets an online stream" in err
