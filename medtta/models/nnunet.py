@@ -165,7 +165,7 @@ class NnUNet(Architecture):
     """
 
     defaults: ClassVar[dict[str, Any]] = {"spatial_dims": 3, "model_folder": "", "fold": 0, "checkpoint": "final",
-                                          "mirror": False, "nnunet_epochs": 10, "nnunet_iterations": 25,
+                                          "mirror": False, "nnunet_epochs": 40, "nnunet_iterations": 25,
                                           "nnunet_features": 8, "source_aug": "none"}
 
     def __init__(self, in_channels: int, n_classes: int, **config: Any) -> None:
