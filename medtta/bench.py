@@ -316,10 +316,13 @@ def sort_out(cells: list[Cell], config: BenchConfig, client: MlflowClient) -> tu
     only on other data (edited files, another split) runs again, as `data_changed`."""
     ids = [e.experiment_id for p in config.protocols if (e := client.get_experiment_by_name(experiment_name(p.name)))]
     runs = parent_runs(client, ids)
+    data: dict[int, str] = {}  # the fingerprint of each protocol's data, read once
     todo, done = [], []
     for cell in cells:
         engine = engine_of(cell, config)
-        found = previous(runs.get(engine.cell(), []), engine.data_fingerprint())
+        if id(cell.protocol) not in data:
+            data[id(cell.protocol)] = engine.data_fingerprint()
+        found = previous(runs.get(engine.cell(), []), data[id(cell.protocol)])
         if found.finished:
             done.append(Outcome(cell, "skipped", found.finished.info.run_id,
                                 metrics=dict(found.finished.data.metrics)))

@@ -406,7 +406,7 @@ class Engine:
 
     @property
     def reset_every(self) -> int:
-        return self.config.hparams.get("reset_every", 0)
+        return self.config.hparams.get("reset_every", STREAM_HPARAMS["reset_every"])
 
     def data(self) -> tuple[Dataset, VolumeCache]:
         """The protocol's dataset, checked, and its volume cache (prepared once per engine)."""

@@ -94,13 +94,18 @@ class VolumeCache:
 
     def key(self, case: Case) -> str:
         """The case's identity for every cache: its file contents, labels and preprocessing."""
-        files = [self.checksums.get(str(path.relative_to(self.dataset.root))) or sha256(path)
-                 for path in (case.image, case.label)]
-        return digest([files, self.dataset.labels, self.pipeline.key()])
+        return digest([self._contents(case), self.dataset.labels, self.pipeline.key()])
+
+    def _contents(self, case: Case) -> list[str]:
+        """The sha256 of the case's image and label."""
+        return [self.checksums.get(str(path.relative_to(self.dataset.root))) or sha256(path)
+                for path in (case.image, case.label)]
 
     def fingerprint(self, cases: Iterable[Case]) -> str:
-        """What a run read of the data: the contents of each case's image and label, its site and its split."""
-        return digest(sorted((c.case_id, c.site, str(c.split), self.key(c)) for c in cases))
+        """What a run read of the data, whatever the preprocessing: each case's image and label contents, its site
+        and split, and the labels."""
+        return digest([self.dataset.labels,
+                       sorted((c.case_id, c.site, str(c.split), *self._contents(c)) for c in cases)])
 
     def get(self, case: Case) -> PreparedVolume:
         path = self.dir / f"{self.key(case)}.pt" if self.dir is not None else None
