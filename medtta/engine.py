@@ -35,7 +35,7 @@ from medtta.metrics import (
     foreground_voxels,
     label_free_indicators,
     mean,
-    recovery_flag,
+    site_recovery_flag,
     volume_dice,
     volume_metrics,
 )
@@ -582,7 +582,7 @@ class Engine:
             self._log_qualitative(dataset, rows, shown, out_dir / "slices" / site, tracker)
             summary = site_summary(rows, role, in_domain)
             tracker.log_metrics(summary)
-            flag = recovery_flag(summary.get("dice", math.nan), summary.get("dice_source", math.nan), in_domain)
+            flag = site_recovery_flag(summary, in_domain)
             if role == TARGET and flag:
                 tracker.set_tags({"medtta.recovery_flag": flag})
         return SiteResult(site, rows, summary, role)

@@ -115,6 +115,11 @@ def recovery_flag(adapted: float, source: float, in_domain: float) -> str:
             "to the in-domain Dice: a small gap magnifies the harm")
 
 
+def site_recovery_flag(summary: dict[str, float], in_domain: float) -> str:
+    """`recovery_flag` of a site's summary (its mean Dice adapted and unadapted)."""
+    return recovery_flag(summary.get("dice", math.nan), summary.get("dice_source", math.nan), in_domain)
+
+
 def mean(values: list[float]) -> float:
     """Mean ignoring NaN; NaN when nothing is left."""
     finite = [v for v in values if not math.isnan(v)]

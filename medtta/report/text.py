@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medtta.metrics import recovery_flag
+from medtta.metrics import site_recovery_flag
 
 if TYPE_CHECKING:
     from medtta.engine import RunResult, SiteResult
@@ -48,8 +48,7 @@ def _cases(summary: dict[str, float]) -> str:
 
 def _recovery(summary: dict[str, float], in_domain: float) -> str:
     """The recovery, marked `!` outside `RECOVERY_RANGE` (the reason is printed below the table)."""
-    flagged = recovery_flag(summary.get("dice", math.nan), summary.get("dice_source", math.nan), in_domain)
-    return _fmt(summary["dice_recovery"]) + (" !" if flagged else "")
+    return _fmt(summary["dice_recovery"]) + (" !" if site_recovery_flag(summary, in_domain) else "")
 
 
 def store_args(uri: str, results: Path) -> str:
@@ -62,8 +61,7 @@ def store_args(uri: str, results: Path) -> str:
 def recovery_notes(result: RunResult) -> list[str]:
     """A line per target site whose recovery is outside `RECOVERY_RANGE`, with the reason."""
     return [f"  ! {s.site}: recovery {_fmt(s.summary['dice_recovery'])}: {reason}" for s in result.sites
-            if (reason := recovery_flag(s.summary.get("dice", math.nan), s.summary.get("dice_source", math.nan),
-                                        result.dice_in_domain))]
+            if (reason := site_recovery_flag(s.summary, result.dice_in_domain))]
 
 
 def cost_line(result: RunResult) -> str:
